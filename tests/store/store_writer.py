@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from store import Store, new_id  # noqa: E402
+from store import Store, new_id
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ import stat
 import threading
 from datetime import datetime, timedelta, timezone
 
+import lancedb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,6 +57,16 @@ def test_message_round_trips_lists_nulls_numbers_and_times(store):
     # null ("no retrieval") and [] ("retrieval found nothing") stay different
     assert store.get("messages", no_rag["id"])["retrieved_ids"] is None
     assert store.get("messages", empty_rag["id"])["retrieved_ids"] == []
+
+
+def test_aware_times_in_any_zone_are_stored_as_the_same_instant_in_utc(store):
+    tokyo = timezone(timedelta(hours=9))
+    variant = {"id": new_id(), "name": "v", "backend": "gguf",
+               "created_at": datetime(2026, 5, 1, 9, 0, tzinfo=tokyo)}
+    store.upsert("variants", [variant])
+    got = store.get("variants", variant["id"])["created_at"]
+    assert got == datetime(2026, 5, 1, 0, 0, tzinfo=timezone.utc)
+    assert got.utcoffset() == timedelta(0)
 
 
 def test_left_out_columns_get_defaults_or_nulls(store):
@@ -111,6 +122,34 @@ def test_compact_keeps_every_row(store):
     assert sorted(r["seq"] for r in store.rows("messages")) == list(range(12))
 
 
+def _fragments(store, table):
+    return lancedb.connect(str(store.path)).open_table(table).stats()["fragment_stats"]
+
+
+def test_one_row_writes_do_not_pile_up_fragments(store, monkeypatch):
+    import store.store as store_module
+
+    monkeypatch.setattr(store_module, "COMPACT_AFTER", 4)
+    for seq in range(13):
+        store.upsert("messages", [_message("a", seq)])
+        assert _fragments(store, "messages")["num_small_fragments"] < 4
+    assert sorted(r["seq"] for r in store.rows("messages")) == list(range(13))
+
+
+def test_a_failed_compaction_does_not_fail_the_committed_write(store, monkeypatch, caplog):
+    import store.store as store_module
+
+    def broken(tbl):
+        raise RuntimeError("lance error: LanceError(IO): boom")
+
+    monkeypatch.setattr(store_module, "COMPACT_AFTER", 1)
+    monkeypatch.setattr(store_module, "_optimize", broken)
+    row = _message("a", 1)
+    store.upsert("messages", [row])
+    assert store.get("messages", row["id"]) is not None
+    assert "could not compact table 'messages'" in caplog.text
+
+
 def test_threads_sharing_one_store_do_not_lose_writes(store):
     def write(n):
         for seq in range(10):
@@ -129,6 +168,34 @@ def test_writes_from_one_store_are_seen_by_another(tmp_path):
     assert second.count("sessions") == 0  # read before the write: no stale cache after it
     first.upsert("sessions", [{"id": "x", "persona": "p"}])
     assert second.count("sessions") == 1
+
+
+def test_commit_conflicts_are_retried_a_bounded_number_of_times(store, monkeypatch,
+                                                                user_error):
+    import store.store as store_module
+
+    monkeypatch.setattr(store_module, "BACKOFF_S", 0.0)
+    calls = []
+
+    def conflicting(times):
+        def commit():
+            calls.append(1)
+            if len(calls) <= times:
+                raise RuntimeError("lance error: Retryable commit conflict for version 7: ...")
+            return "committed"
+        return commit
+
+    assert store._commit(conflicting(2), "write table 'x'") == "committed"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(StoreError) as caught:
+        store._commit(conflicting(100), "write table 'x'")
+    assert len(calls) == store_module.COMMIT_ATTEMPTS
+    user_error(caught.value, store.path, "could not write table 'x'", "commit conflict")
+    calls.clear()
+    with pytest.raises(StoreError):  # any other failure is not retried
+        store._commit(lambda: calls.append(1) or 1 / 0, "write table 'x'")
+    assert len(calls) == 1
 
 
 # --- quoting ---------------------------------------------------------------------------
@@ -189,8 +256,9 @@ def test_bad_filter_is_a_store_error(store, user_error):
 
 # --- directories -----------------------------------------------------------------------
 
-def test_missing_directories_are_created_private_whatever_the_umask(tmp_path):
-    old = os.umask(0)
+@pytest.mark.parametrize("umask", [0o022, 0o222])  # usual; and one that strips owner write
+def test_missing_directories_are_created_private_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
     try:
         store = Store.open(tmp_path / "home" / "kyara" / "store")
     finally:
@@ -261,3 +329,42 @@ def test_knowledge_table_has_the_dimension_it_was_created_with(store, user_error
     store.drop_knowledge()
     store.knowledge_table(5)
     assert store.knowledge_dim() == 5 and store.count("knowledge") == 0
+
+
+def test_knowledge_version_changes_on_every_write_and_on_re_create(store):
+    assert store.knowledge_version() is None
+    store.knowledge_table(2)
+    created = store.knowledge_version()
+    store.upsert("knowledge", [_fact([1.0, 0.0])])
+    written = store.knowledge_version()
+    assert len({created, written}) == 2
+    assert store.knowledge_version() == written  # reading changes nothing
+
+    store.drop_knowledge()
+    store.knowledge_table(2)
+    store.upsert("knowledge", [_fact([1.0, 0.0])])  # same lance version number as before
+    assert store.knowledge_version() not in (created, written)
+
+
+def test_knowledge_full_text_search(store, user_error):
+    # The index is on character n-grams (1-3) for Japanese, so texts share no letters here.
+    store.knowledge_table(2)
+    tea = {**_fact([1.0, 0.0]), "fact_id": "likes-tea", "text": "絢音は毎朝紅茶を飲む"}
+    cats = {**_fact([0.0, 1.0]), "fact_id": "cats", "text": "猫が二匹いる"}
+    other = {**_fact([0.0, 1.0], persona="ren"), "text": "蓮も紅茶を飲む"}
+    store.upsert("knowledge", [tea, cats, other])
+    with pytest.raises(StoreError) as caught:
+        store.search_knowledge_text("tea")
+    user_error(caught.value, store.path, "no full-text index", "index_knowledge_text")
+
+    store.index_knowledge_text()
+    hits = store.search_knowledge_text("紅茶", limit=5, where=f"persona = {quote('aoi')}")
+    assert [(h["id"], h["fact_id"]) for h in hits] == [(tea["id"], "likes-tea")]
+    assert "vector" not in hits[0] and hits[0]["_score"] > 0
+    assert store.search_knowledge_text("   ") == []
+    assert store.search_knowledge_text("it's: (odd) \"query\"") == []  # punctuation is safe
+
+    later = {**_fact([1.0, 1.0]), "text": "紅茶をこぼした"}
+    store.upsert("knowledge", [later])  # written after the index: still found
+    found = {h["id"] for h in store.search_knowledge_text("紅茶", where=f"persona = {quote('aoi')}")}
+    assert found == {tea["id"], later["id"]}

@@ -3,10 +3,11 @@
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
-from store import SCHEMA_VERSION, Store, new_id
+from store import SCHEMA_VERSION, Store, StoreError, new_id
 
 WRITERS, WRITES = 4, 50
 
@@ -88,13 +89,13 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, writer):
 
 def test_a_held_lock_makes_writes_wait_then_fail_clearly(tmp_path, user_error):
     store = Store.open(tmp_path / "store", lock_timeout=0.3)
-    holder = subprocess.Popen(
-        ["python3", "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
-         str(store.path / ".kyara-store.lock")], stdout=subprocess.PIPE, text=True)
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(store.path / ".kyara-store.lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(StoreError) as caught:
             store.upsert("sessions", [{"id": new_id(), "persona": "p"}])
         user_error(caught.value, store.path, "busy", "write lock")
         assert store.count("sessions") == 0  # reads need no lock

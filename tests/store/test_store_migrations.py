@@ -3,8 +3,7 @@
 import pyarrow as pa
 import pytest
 
-import store.migrations as migrations
-from store import SCHEMA_VERSION, Store, StoreError, new_id
+from store import SCHEMA_VERSION, Store, StoreError, migrations, new_id
 
 
 def test_a_new_store_is_at_the_current_schema_version(tmp_path):

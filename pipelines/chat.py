@@ -1,0 +1,244 @@
+"""A chat session: retrieve (when on), build the persona prompt, stream the reply, and log
+every turn to the store. The console and `kyara ask` share it.
+
+Never lose a turn: the user's message is written before generation starts; the reply is
+written when it ends — `complete`, or `incomplete` when the consumer stopped reading
+(cancel, Ctrl+C), or `error` with the one-line reason. Everything that produced a reply
+(variant, adapter, retrieval, rendered prompt, options, speed) is kept with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from pipelines.config import Persona, Variant
+from pipelines.inference.base import BackendError, ChatBackend, Delta, GenerationOptions
+from pipelines.prompting import TemplateError, build_messages, format_context, system_prompt
+from store import Store, new_id
+from store.sql import quote
+from store.store import utcnow
+
+
+@dataclass
+class Retrieved:
+    """First event of a turn with retrieval on: the facts that went into the prompt."""
+
+    hits: list[Any]
+
+
+@dataclass
+class TurnDone:
+    """Last event of a turn: the stored assistant row (status complete / error)."""
+
+    message: dict[str, Any]
+
+
+@dataclass
+class ChatSession:
+    store: Store
+    persona: Persona
+    variant: Variant
+    backend: ChatBackend
+    retriever: Any = None  # pipelines.retrieval.Retriever; None = retrieval unavailable
+    rag: bool = False
+    session_id: str = field(default_factory=new_id)
+    history_turns: int = 8  # user/assistant pairs of history sent with each prompt
+    kind: str = "chat"
+    title: str | None = None
+    _seq: int = 0
+    _started: bool = False
+
+    # --- sessions ----------------------------------------------------------------------
+
+    @classmethod
+    def resume(cls, store: Store, session_id: str, **kwargs: Any) -> "ChatSession":
+        row = store.get("sessions", session_id)
+        if row is None:
+            raise BackendError(f"no session {session_id} in the store at {store.path}")
+        session = cls(store=store, session_id=session_id, **kwargs)
+        session._started = True
+        session._seq = max((m["seq"] for m in session.messages()), default=-1) + 1
+        return session
+
+    def _ensure_session(self, first_text: str) -> None:
+        if self._started:
+            self.store.upsert("sessions", [{**self.store.get("sessions", self.session_id),
+                                            "updated_at": utcnow()}])
+            return
+        now = utcnow()
+        self.store.upsert("sessions", [{
+            "id": self.session_id, "persona": self.persona.id, "variant": self.variant.name,
+            "kind": self.kind, "title": self.title or first_text[:40],
+            "created_at": now, "updated_at": now,
+        }])
+        self._started = True
+
+    def messages(self) -> list[dict[str, Any]]:
+        rows = self.store.rows("messages", where=f"session_id = {quote(self.session_id)}")
+        return sorted(rows, key=lambda r: r["seq"])
+
+    def history(self) -> list[dict[str, str]]:
+        """Past exchanges to send with the next prompt: user turns that got a reply (complete
+        or incomplete — the user saw it), last `history_turns` pairs."""
+        pairs: list[tuple[dict, dict]] = []
+        pending: dict | None = None
+        for row in self.messages():
+            if row["role"] == "user":
+                pending = row
+            elif row["role"] == "assistant" and pending is not None:
+                if row["status"] in ("complete", "incomplete") and row["content"]:
+                    pairs.append((pending, row))
+                pending = None
+        out: list[dict[str, str]] = []
+        for user, reply in pairs[-self.history_turns:] if self.history_turns else []:
+            out.append({"role": "user", "content": user["content"]})
+            out.append({"role": "assistant", "content": reply["content"]})
+        return out
+
+    # --- one turn ----------------------------------------------------------------------
+
+    def _write(self, row: dict[str, Any]) -> dict[str, Any]:
+        full = {"id": new_id(), "session_id": self.session_id, "seq": self._seq,
+                "created_at": utcnow(), "rag": self.rag, "variant": self.variant.name,
+                "adapter": getattr(self.variant, "adapter", None) or getattr(
+                    self.variant, "lora_path", None), **row}
+        self.store.upsert("messages", [full])
+        self._seq += 1
+        return full
+
+    def send(self, text: str, options: GenerationOptions | None = None) -> Iterator[Any]:
+        """Yields Retrieved (when retrieval is on), Deltas, then TurnDone. Stopping the
+        iteration early stores the reply so far as `incomplete`."""
+        options = options or GenerationOptions.from_config(self.variant.generation)
+        history = self.history()  # read before this turn is written
+        self._ensure_session(text)
+        self._write({"role": "user", "content": text, "status": "complete"})
+
+        hits: list[Any] | None = None
+        context: str | None = None
+        if self.rag:
+            if self.retriever is None:
+                yield from self._fail("retrieval is on but the persona is not indexed "
+                                      f"(run: kyara index {self.persona.id})", options, None, None)
+                return
+            started = time.perf_counter()
+            hits = self.retriever.search(text)
+            context = format_context(h.text for h in hits)
+            yield Retrieved(hits=hits)
+            retrieval_ms = (time.perf_counter() - started) * 1000
+        else:
+            retrieval_ms = None
+
+        messages = build_messages(system_prompt(self.persona, context), history, text)
+        try:
+            rendered = self.backend.render(messages)
+        except (BackendError, TemplateError) as exc:
+            yield from self._fail(str(exc), options, hits, None)
+            return
+
+        parts: list[str] = []
+        final: Delta | None = None
+        stream = self.backend.stream(messages, options)
+        try:
+            for delta in stream:
+                if delta.done:
+                    final = delta
+                    break
+                parts.append(delta.text)
+                yield delta
+        except (GeneratorExit, KeyboardInterrupt):
+            # The consumer stopped reading (cancel, Ctrl+C): keep what was shown.
+            stream.close()  # stops generation within one token
+            self._write(self._reply_row("".join(parts), "incomplete", options, hits, rendered,
+                                        None, "cancel", retrieval_ms))
+            raise
+        except (BackendError, TemplateError) as exc:
+            yield from self._fail(str(exc), options, hits, rendered, "".join(parts))
+            return
+        finally:
+            stream.close()
+        if final is not None and final.stop_reason == "error":
+            yield final
+            yield from self._fail(final.error or "generation failed", options, hits, rendered,
+                                  "".join(parts))
+            return
+        row = self._reply_row("".join(parts), "complete", options, hits, rendered, final,
+                              final.stop_reason if final else "eos", retrieval_ms)
+        self._write(row)
+        if final is not None:
+            yield final
+        yield TurnDone(message=row)
+
+    def _reply_row(self, content: str, status: str, options: GenerationOptions,
+                   hits: Sequence[Any] | None, rendered: str | None, final: Delta | None,
+                   stop_reason: str | None, retrieval_ms: float | None,
+                   error: str | None = None) -> dict[str, Any]:
+        extra = {"options": options.as_dict(), "backend": self.variant.backend}
+        if retrieval_ms is not None:
+            extra["retrieval_ms"] = round(retrieval_ms, 3)
+        if final is not None and final.stop_token:
+            extra["stop_token"] = final.stop_token
+        return {
+            "role": "assistant", "content": content, "status": status,
+            "rendered_prompt": rendered,
+            "retrieved_ids": [h.fact_id for h in hits] if hits is not None else None,
+            "options_json": json.dumps(extra, ensure_ascii=False),
+            "prompt_tokens": final.prompt_tokens if final else None,
+            "completion_tokens": final.completion_tokens if final else None,
+            "ttft_ms": final.ttft_s * 1000 if final and final.ttft_s is not None else None,
+            "tokens_per_s": final.tokens_per_s if final else None,
+            "stop_reason": stop_reason, "error": error,
+        }
+
+    def _fail(self, message: str, options: GenerationOptions, hits: Sequence[Any] | None,
+              rendered: str | None, partial: str = "") -> Iterator[Any]:
+        row = self._reply_row(partial, "error", options, hits, rendered, None, "error", None,
+                              error=message)
+        self._write(row)
+        yield TurnDone(message=row)
+
+
+def open_session(workspace: Any, *, persona: str | None = None, variant: str | None = None,
+                 rag: bool | None = None, resume: str | None = None,
+                 store: Store | None = None, backend: ChatBackend | None = None) -> ChatSession:
+    """Everything a chat needs, from the user's configuration: persona, variant, backend,
+    store, and a retriever when the persona has been indexed."""
+    from pipelines.inference.registry import load_backend
+
+    settings = workspace.settings
+    p = workspace.persona(persona)
+    v = workspace.variant(variant)
+    store = store or Store.open(settings.store_path())
+    rag = settings.rag if rag is None else rag
+    retriever = find_retriever(store, p.id)
+    if rag and retriever is None:
+        raise BackendError(f"retrieval is on but persona '{p.id}' is not indexed "
+                           f"(run: kyara index {p.id})")
+    backend = backend or load_backend(v, settings.home_path())
+    kwargs = dict(persona=p, variant=v, backend=backend, retriever=retriever, rag=rag)
+    if resume:
+        return ChatSession.resume(store, resume, **kwargs)
+    return ChatSession(store=store, **kwargs)
+
+
+def find_retriever(store: Store, persona: str) -> Any:
+    """A Retriever over the persona's indexed facts, with the embedder they were indexed
+    with; None when the persona has not been indexed."""
+    from pipelines.retrieval import Retriever, get_embedder
+
+    if store.knowledge_dim() is None:
+        return None
+    indexed = store.rows("knowledge", where=f"persona = {quote(persona)}", limit=1)
+    return Retriever(store, persona, get_embedder(indexed[0]["embedder"])) if indexed else None
+
+
+def open_retriever(workspace: Any, persona: str | None = None) -> Any:
+    p = workspace.persona(persona)
+    store = Store.open(workspace.settings.store_path())
+    retriever = find_retriever(store, p.id)
+    if retriever is None:
+        raise BackendError(f"persona '{p.id}' is not indexed (run: kyara index {p.id})")
+    return retriever

@@ -1,0 +1,69 @@
+"""The ChatBackend contract (DESIGN.md).
+
+`stream(messages, options)` is synchronous on purpose: llama.cpp and transformers stream
+synchronously, and the console drives a backend from a thread worker. Every Delta but the
+last carries text; the last has `done=True` and the stop reason, token counts, time to
+first token and tokens/s. Cancel = the consumer stops iterating (closes the generator);
+generation then stops within one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+
+from pipelines.config import Generation
+
+StopReason = Literal["eos", "length", "cancel", "error"]
+Message = dict[str, Any]
+
+
+class BackendError(Exception):
+    """A model that cannot be loaded or run. str() is one line the user can act on."""
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 64
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, gen: Generation, **overrides: Any) -> "GenerationOptions":
+        values = gen.model_dump()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Delta:
+    text: str = ""
+    done: bool = False
+    stop_reason: StopReason | None = None
+    stop_token: str | None = None  # which end-of-generation token stopped it, if one did
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    name: str
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The exact prompt text the model will see (logged with every reply)."""
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Delta]:
+        ...
+
+    def close(self) -> None:
+        ...

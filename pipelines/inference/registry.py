@@ -1,0 +1,117 @@
+"""Which class serves which `backend:` value, and what the backends share: path resolution
+and the one-line error for a broken chat template.
+
+The classes are named as import strings and imported on first use, so importing the
+registry (the console does, to list variants) pulls in neither torch nor llama_cpp.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipelines.config import GGUFVariant, HFVariant, Variant
+from pipelines.inference.base import BackendError, ChatBackend, Message
+from pipelines.prompting import TemplateError, render_prompt
+
+BACKENDS: dict[str, str] = {
+    "hf": "pipelines.inference.hf:HFBackend",
+    "gguf": "pipelines.inference.gguf:GGUFBackend",
+    "openai": "pipelines.inference.openai_backend:OpenAIBackend",
+}
+
+
+class ChatTemplateError(BackendError, TemplateError):
+    """A chat template that cannot be rendered, raised by a backend: a BackendError for the
+    console, a TemplateError for whoever asks about templates."""
+
+
+def backend_class(kind: str) -> type:
+    try:
+        module_name, _, class_name = BACKENDS[kind].partition(":")
+    except KeyError:
+        raise BackendError(
+            f"unknown backend {kind!r} (expected one of: {', '.join(BACKENDS)})"
+        ) from None
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def resolve_path(value: str, home: Path | None) -> Path:
+    """`~` and `$VARS` expanded; a relative path is taken from the kyara home, where models
+    and runs live (configs are read from elsewhere, so the current directory means nothing)."""
+    path = Path(os.path.expandvars(value)).expanduser()
+    if not path.is_absolute() and home is not None:
+        path = Path(home) / path
+    return path
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name`: not a path the user typed (no leading ./, ~ or /, exactly one slash)."""
+    return (
+        value.count("/") == 1 and not value.startswith((".", "~", "/", "$")) and "\\" not in value
+    )
+
+
+def load_backend(variant: Variant, home: Path) -> ChatBackend:
+    """The backend for a variant, its model loaded. Every failure is a one-line BackendError."""
+    if isinstance(variant, GGUFVariant):
+        if variant.embedded:
+            from pipelines.inference.embedded import ensure_embedded
+
+            ensure_embedded(variant.embedded, home)
+        else:
+            _require(resolve_path(variant.path, home), variant.name, "model file")
+        if variant.lora_path:
+            _require(resolve_path(variant.lora_path, home), variant.name, "LoRA file")
+        return backend_class("gguf")(variant, home)
+    if isinstance(variant, HFVariant):
+        model = resolve_path(variant.model, home)
+        if not model.exists() and not looks_like_hub_id(variant.model):
+            _require(model, variant.name, "model directory")
+        if variant.adapter:
+            _require(resolve_path(variant.adapter, home), variant.name, "adapter directory")
+        return backend_class("hf")(variant, home)
+    return backend_class(variant.backend)(variant)
+
+
+def _require(path: Path, variant: str, what: str) -> None:
+    if not path.exists():
+        raise BackendError(f"variant {variant!r}: {what} not found: {path}")
+
+
+def render_for_model(
+    template: str, messages: Sequence[Message], *, bos_token: str, eos_token: str, variant: str
+) -> str:
+    try:
+        return render_prompt(template, messages, bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as exc:
+        raise ChatTemplateError(f"variant {variant!r}: {exc}") from None
+
+
+class GenerationLock:
+    """One reply at a time on one loaded model. A second stream from the thread that holds
+    the lock (two generators iterated side by side) would wait for itself forever: that is
+    refused with a BackendError instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> GenerationLock:
+        me = threading.get_ident()
+        if not self._lock.acquire(blocking=False):
+            if self._owner == me:
+                raise BackendError(
+                    "this model is already generating a reply in this thread: "
+                    "finish or close that stream first"
+                )
+            self._lock.acquire()
+        self._owner = me
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()

@@ -1,0 +1,185 @@
+"""The chat session: every turn logged, the user's message before generation, a reply cut
+short kept as incomplete, failures stored as errors with the user's message intact."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator, Sequence
+
+import pytest
+
+from pipelines.chat import ChatSession, Retrieved, TurnDone
+from pipelines.inference.base import BackendError, Delta, GenerationOptions
+from pipelines.prompting import render_prompt
+from pipelines.workspace import Workspace
+from store import Store
+from tests.conftest import CONFIGS
+
+
+class ScriptedBackend:
+    """A ChatBackend that replays queued replies (the simonw/llm mock-model pattern) and
+    records what it was asked and what the store held when generation began."""
+
+    name = "scripted"
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.queue: list[list[str] | Exception] = []
+        self.calls: list[list[dict]] = []
+        self.store = store
+        self.rows_at_start: list[list[dict]] = []
+        self.produced = 0
+        self.closed_streams = 0
+
+    def enqueue(self, reply: list[str] | Exception) -> None:
+        self.queue.append(reply)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        return render_prompt("gemma", messages, bos_token="<bos>")
+
+    def stream(self, messages, options: GenerationOptions) -> Iterator[Delta]:
+        self.calls.append([dict(m) for m in messages])
+        if self.store is not None:
+            self.rows_at_start.append(self.store.rows("messages"))
+        reply = self.queue.pop(0)
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            for piece in reply:
+                self.produced += 1
+                yield Delta(text=piece)
+            yield Delta(done=True, stop_reason="eos", stop_token="<end_of_turn>",
+                        prompt_tokens=12, completion_tokens=len(reply), ttft_s=0.01,
+                        tokens_per_s=50.0)
+        finally:
+            self.closed_streams += 1
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def ws():
+    return Workspace.load(CONFIGS)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.open(tmp_path / "store")
+
+
+def make_session(ws, store, backend, **kw):
+    return ChatSession(store=store, persona=ws.persona("ayane"),
+                       variant=ws.variant("gemma3-270m"), backend=backend, **kw)
+
+
+def test_turn_logged_with_everything_that_produced_it(ws, store):
+    backend = ScriptedBackend(store)
+    backend.enqueue(["ごきげんよう", "、絢音", "ですわ。"])
+    session = make_session(ws, store, backend)
+    events = list(session.send("こんにちは"))
+    text = "".join(e.text for e in events if isinstance(e, Delta) and not e.done)
+    assert text == "ごきげんよう、絢音ですわ。"
+    assert isinstance(events[-1], TurnDone)
+    # the user's message was in the store before generation started
+    assert [r["content"] for r in backend.rows_at_start[0]] == ["こんにちは"]
+    rows = session.messages()
+    assert [(r["role"], r["status"], r["seq"]) for r in rows] == [
+        ("user", "complete", 0), ("assistant", "complete", 1)]
+    reply = rows[1]
+    assert reply["content"] == text and reply["variant"] == "gemma3-270m"
+    assert reply["stop_reason"] == "eos" and reply["completion_tokens"] == 3
+    assert reply["tokens_per_s"] == 50.0 and reply["ttft_ms"] == pytest.approx(10.0)
+    assert reply["rag"] is False and reply["retrieved_ids"] is None
+    assert reply["rendered_prompt"].startswith("<bos><start_of_turn>user\nお嬢様のように")
+    extra = json.loads(reply["options_json"])
+    assert extra["stop_token"] == "<end_of_turn>" and extra["options"]["max_new_tokens"] == 64
+    session_row = store.get("sessions", session.session_id)
+    assert session_row["persona"] == "ayane" and session_row["title"] == "こんにちは"
+
+
+def test_cancel_keeps_the_partial_reply_as_incomplete(ws, store):
+    backend = ScriptedBackend()
+    backend.enqueue(["わたくし", "は", "レオ", "と", "散歩", "ですわ。"])
+    session = make_session(ws, store, backend)
+    stream = session.send("週末は？")
+    seen = [next(stream), next(stream)]  # the user reads two pieces, then presses Escape
+    stream.close()
+    assert backend.closed_streams == 1  # generation was stopped, not left running
+    assert backend.produced <= 3
+    rows = session.messages()
+    assert rows[-1]["status"] == "incomplete" and rows[-1]["stop_reason"] == "cancel"
+    assert rows[-1]["content"] == "".join(d.text for d in seen) == "わたくしは"
+
+
+def test_backend_error_keeps_the_user_message(ws, store):
+    backend = ScriptedBackend()
+    backend.enqueue(BackendError("prompt is 3000 tokens, the context window is 2048"))
+    session = make_session(ws, store, backend)
+    events = list(session.send("長い質問"))
+    assert isinstance(events[-1], TurnDone) and events[-1].message["status"] == "error"
+    rows = session.messages()
+    assert rows[0]["role"] == "user" and rows[0]["content"] == "長い質問"
+    assert rows[1]["status"] == "error" and "context window" in rows[1]["error"]
+
+
+def test_history_carries_earlier_turns_and_skips_failed_ones(ws, store):
+    backend = ScriptedBackend()
+    backend.enqueue(["一つ目ですわ。"])
+    backend.enqueue(BackendError("boom"))
+    backend.enqueue(["三つ目ですわ。"])
+    session = make_session(ws, store, backend)
+    list(session.send("一"))
+    list(session.send("二"))
+    list(session.send("三"))
+    last = backend.calls[-1]
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user"]
+    assert last[1]["content"] == "一" and last[2]["content"] == "一つ目ですわ。"
+    assert last[3]["content"] == "三"
+
+
+def test_resume_continues_the_same_session(ws, store):
+    backend = ScriptedBackend()
+    backend.enqueue(["はい。"])
+    first = make_session(ws, store, backend)
+    list(first.send("一"))
+    backend.enqueue(["また、ですわ。"])
+    again = ChatSession.resume(store, first.session_id, persona=first.persona,
+                               variant=first.variant, backend=backend)
+    list(again.send("二"))
+    assert [r["seq"] for r in again.messages()] == [0, 1, 2, 3]
+    assert backend.calls[-1][-2]["content"] == "はい。"
+    with pytest.raises(BackendError, match="no session"):
+        ChatSession.resume(store, "missing", persona=first.persona, variant=first.variant,
+                           backend=backend)
+
+
+class FixedRetriever:
+    def __init__(self, hits):
+        self.hits = hits
+
+    def search(self, query, k=None):
+        return self.hits
+
+
+def test_retrieval_puts_facts_in_the_prompt_and_logs_their_ids(ws, store):
+    from pipelines.retrieval import Hit
+
+    hits = [Hit(fact_id="k027", text="絢音の愛犬はレオである。", topic="pets", score=0.03,
+                text_rank=1, vector_rank=2)]
+    backend = ScriptedBackend()
+    backend.enqueue(["レオですわ。"])
+    session = make_session(ws, store, backend, retriever=FixedRetriever(hits), rag=True)
+    events = list(session.send("犬の名前は？"))
+    assert isinstance(events[0], Retrieved) and events[0].hits == hits
+    system = backend.calls[0][0]
+    assert system["role"] == "system" and system["content"].endswith("- 絢音の愛犬はレオである。")
+    reply = session.messages()[-1]
+    assert reply["rag"] is True and reply["retrieved_ids"] == ["k027"]
+
+
+def test_rag_without_index_is_an_error_turn_not_a_crash(ws, store):
+    session = make_session(ws, store, ScriptedBackend(), rag=True)
+    events = list(session.send("犬は？"))
+    assert events[-1].message["status"] == "error"
+    assert "kyara index ayane" in events[-1].message["error"]
+    assert session.messages()[0]["content"] == "犬は？"
