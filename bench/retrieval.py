@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import KnowledgeFact  # noqa: E402
-from pipelines.retrieval import Retriever, fuse, get_embedder, index_persona  # noqa: E402
-from pipelines.workspace import Workspace  # noqa: E402
-from store import Store  # noqa: E402
-from store.sql import quote  # noqa: E402
+from pipelines.config import KnowledgeFact
+from pipelines.retrieval import Retriever, fuse, get_embedder, index_persona
+from pipelines.workspace import Workspace
+from store import Store
+from store.sql import quote
 
 NAMES = ["美咲", "健太", "由紀", "大輔", "真央", "翔", "愛子", "蓮", "陽菜", "悠人", "結衣", "颯太"]
 THINGS = ["テニス", "将棋", "料理", "写真", "登山", "読書", "映画", "釣り", "書道", "ギター",

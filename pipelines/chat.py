@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from pipelines.config import Persona, Variant
 from pipelines.inference.base import BackendError, ChatBackend, Delta, GenerationOptions
@@ -54,7 +55,7 @@ class ChatSession:
     # --- sessions ----------------------------------------------------------------------
 
     @classmethod
-    def resume(cls, store: Store, session_id: str, **kwargs: Any) -> "ChatSession":
+    def resume(cls, store: Store, session_id: str, **kwargs: Any) -> ChatSession:
         row = store.get("sessions", session_id)
         if row is None:
             raise BackendError(f"no session {session_id} in the store at {store.path}")

@@ -336,7 +336,7 @@ class GGUFVariant(_VariantBase):
     n_threads: int | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "GGUFVariant":
+    def _one_source(self) -> GGUFVariant:
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of 'path' and 'embedded'")
         return self

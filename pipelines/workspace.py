@@ -9,9 +9,10 @@ package (the embedded default persona and model).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipelines.config import (
     AppSettings,
@@ -74,7 +75,7 @@ class Workspace:
     settings: AppSettings = field(default_factory=AppSettings)
 
     @classmethod
-    def load(cls, configs: str | Path | None = None) -> "Workspace":
+    def load(cls, configs: str | Path | None = None) -> Workspace:
         root = find_configs_dir(configs)
         if not root.is_dir():
             raise ConfigError(f"{root}: configs directory not found (set KYARA_CONFIGS)")
@@ -224,7 +225,7 @@ class Workspace:
             out.append(CheckResult(app, f"{app}: default_judge: expected one of "
                                         f"{list(self.judge_files())}, found '{s.default_judge}'"))
         criteria = set(self.criterion_files())
-        for name, path in self.judge_files().items():
+        for path in self.judge_files().values():
             try:
                 judge = load_yaml(path, JudgeConfig)
             except ConfigError:

@@ -23,5 +23,5 @@ def run_kyara(*args, env=None, cwd=None, timeout=120):
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "console", *args],
-        capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout,
+        capture_output=True, text=True, check=False, env=full_env, cwd=cwd or REPO, timeout=timeout,
     )

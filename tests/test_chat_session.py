@@ -4,7 +4,7 @@ short kept as incomplete, failures stored as errors with the user's message inta
 from __future__ import annotations
 
 import json
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 

@@ -10,7 +10,7 @@ from tests.conftest import REPO, run_kyara
 
 
 def _make_q(folder, venv):
-    return subprocess.run(["make", "-q", "venv", f"VENV={venv}"], cwd=folder,
+    return subprocess.run(["make", "-q", "venv", f"VENV={venv}"], cwd=folder, check=False,
                           capture_output=True, text=True, timeout=60)
 
 

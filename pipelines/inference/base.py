@@ -9,8 +9,9 @@ generation then stops within one token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pipelines.config import Generation
 
@@ -32,7 +33,7 @@ class GenerationOptions:
     seed: int | None = None
 
     @classmethod
-    def from_config(cls, gen: Generation, **overrides: Any) -> "GenerationOptions":
+    def from_config(cls, gen: Generation, **overrides: Any) -> GenerationOptions:
         values = gen.model_dump()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -27,7 +27,7 @@ def _run_released_together(store_path, start_file, writer, mode):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for proc, (_, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
     return [line for out, _ in outputs for line in out.split()]
 
