@@ -207,7 +207,8 @@ def ask(
         fail(done["error"] or "generation failed")
     speed = (f", {done['completion_tokens']} tokens, {done['tokens_per_s']:.1f} tok/s, "
              f"first token {done['ttft_ms']:.0f} ms" if done["tokens_per_s"] else "")
-    err.print(f"[dim]stop: {done['stop_reason']}{speed}; session {done['session_id']}[/]")
+    err.print(f"[dim]stop: {done['stop_reason']}{speed}; session {done['session_id']}[/]",
+              soft_wrap=True)
 
 
 def main() -> None:

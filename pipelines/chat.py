@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,9 @@ class ChatSession:
     store: Store
     persona: Persona
     variant: Variant
-    backend: ChatBackend
+    # A loaded backend, or a function that loads one: loading then happens inside send(),
+    # after the user's message is stored, so a missing model costs no typed text.
+    backend: ChatBackend | Callable[[], ChatBackend]
     retriever: Any = None  # pipelines.retrieval.Retriever; None = retrieval unavailable
     rag: bool = False
     session_id: str = field(default_factory=new_id)
@@ -101,6 +103,11 @@ class ChatSession:
 
     # --- one turn ----------------------------------------------------------------------
 
+    def loaded_backend(self) -> ChatBackend:
+        if not hasattr(self.backend, "stream"):
+            self.backend = self.backend()  # may raise BackendError: the caller records it
+        return self.backend
+
     def _write(self, row: dict[str, Any]) -> dict[str, Any]:
         full = {"id": new_id(), "session_id": self.session_id, "seq": self._seq,
                 "created_at": utcnow(), "rag": self.rag, "variant": self.variant.name,
@@ -135,14 +142,15 @@ class ChatSession:
 
         messages = build_messages(system_prompt(self.persona, context), history, text)
         try:
-            rendered = self.backend.render(messages)
+            backend = self.loaded_backend()
+            rendered = backend.render(messages)
         except (BackendError, TemplateError) as exc:
             yield from self._fail(str(exc), options, hits, None)
             return
 
         parts: list[str] = []
         final: Delta | None = None
-        stream = self.backend.stream(messages, options)
+        stream = backend.stream(messages, options)
         try:
             for delta in stream:
                 if delta.done:
@@ -166,9 +174,9 @@ class ChatSession:
             yield from self._fail(final.error or "generation failed", options, hits, rendered,
                                   "".join(parts))
             return
-        row = self._reply_row("".join(parts), "complete", options, hits, rendered, final,
-                              final.stop_reason if final else "eos", retrieval_ms)
-        self._write(row)
+        row = self._write(self._reply_row("".join(parts), "complete", options, hits, rendered,
+                                          final, final.stop_reason if final else "eos",
+                                          retrieval_ms))
         if final is not None:
             yield final
         yield TurnDone(message=row)
@@ -198,8 +206,7 @@ class ChatSession:
               rendered: str | None, partial: str = "") -> Iterator[Any]:
         row = self._reply_row(partial, "error", options, hits, rendered, None, "error", None,
                               error=message)
-        self._write(row)
-        yield TurnDone(message=row)
+        yield TurnDone(message=self._write(row))
 
 
 def open_session(workspace: Any, *, persona: str | None = None, variant: str | None = None,
@@ -218,8 +225,9 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
     if rag and retriever is None:
         raise BackendError(f"retrieval is on but persona '{p.id}' is not indexed "
                            f"(run: kyara index {p.id})")
-    backend = backend or load_backend(v, settings.home_path())
-    kwargs = dict(persona=p, variant=v, backend=backend, retriever=retriever, rag=rag)
+    home = settings.home_path()
+    kwargs = dict(persona=p, variant=v, retriever=retriever, rag=rag,
+                  backend=backend or (lambda: load_backend(v, home)))
     if resume:
         return ChatSession.resume(store, resume, **kwargs)
     return ChatSession(store=store, **kwargs)

@@ -80,6 +80,8 @@ def test_turn_logged_with_everything_that_produced_it(ws, store):
     text = "".join(e.text for e in events if isinstance(e, Delta) and not e.done)
     assert text == "ごきげんよう、絢音ですわ。"
     assert isinstance(events[-1], TurnDone)
+    assert events[-1].message["session_id"] == session.session_id
+    assert store.get("messages", events[-1].message["id"])["content"] == text
     # the user's message was in the store before generation started
     assert [r["content"] for r in backend.rows_at_start[0]] == ["こんにちは"]
     rows = session.messages()
@@ -183,3 +185,20 @@ def test_rag_without_index_is_an_error_turn_not_a_crash(ws, store):
     assert events[-1].message["status"] == "error"
     assert "kyara index ayane" in events[-1].message["error"]
     assert session.messages()[0]["content"] == "犬は？"
+
+
+def test_backend_loaded_lazily_after_the_question_is_stored(ws, store):
+    calls = []
+
+    def loader():
+        calls.append(store.rows("messages"))
+        raise BackendError("variant 'x': model file not found: /nowhere.gguf")
+
+    session = make_session(ws, store, loader)
+    events = list(session.send("こんにちは"))
+    assert [r["content"] for r in calls[0]] == ["こんにちは"]  # stored before loading
+    assert events[-1].message["status"] == "error"
+    assert "model file not found" in events[-1].message["error"]
+    # a later send tries to load again (the user may have fixed the path meanwhile)
+    list(session.send("もう一度"))
+    assert len(calls) == 2
