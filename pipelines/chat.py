@@ -53,6 +53,11 @@ class ChatSession:
     title: str | None = None
     _seq: int = 0
     _started: bool = False
+    _rows: list[dict[str, Any]] | None = None  # this session's messages, as written
+
+    def __post_init__(self) -> None:
+        if not self._started:
+            self._rows = []  # a new session: nothing to read back
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -62,14 +67,12 @@ class ChatSession:
         if row is None:
             raise BackendError(f"no session {session_id} in the store at {store.path}")
         session = cls(store=store, session_id=session_id, **kwargs)
-        session._started = True
+        session._started, session._rows = True, None  # read the history from the store
         session._seq = max((m["seq"] for m in session.messages()), default=-1) + 1
         return session
 
     def _ensure_session(self, first_text: str) -> None:
         if self._started:
-            self.store.upsert("sessions", [{**self.store.get("sessions", self.session_id),
-                                            "updated_at": utcnow()}])
             return
         now = utcnow()
         self.store.upsert("sessions", [{
@@ -80,8 +83,18 @@ class ChatSession:
         self._started = True
 
     def messages(self) -> list[dict[str, Any]]:
-        rows = self.store.rows("messages", where=f"session_id = {quote(self.session_id)}")
-        return sorted(rows, key=lambda r: r["seq"])
+        """The session's messages in order. Read from the store once (resume); after that
+        kept in memory as they are written, so a turn does not re-read its history."""
+        if self._rows is None:
+            rows = self.store.rows("messages", where=f"session_id = {quote(self.session_id)}")
+            self._rows = sorted(rows, key=lambda r: r["seq"])
+        return list(self._rows)
+
+    def _touch_session(self) -> None:
+        """updated_at moves after each reply (off the path to the first token)."""
+        row = self.store.get("sessions", self.session_id)
+        if row is not None:
+            self.store.upsert("sessions", [row])  # the store sets updated_at on write
 
     def history(self) -> list[dict[str, str]]:
         """Past exchanges to send with the next prompt: user turns that got a reply (complete
@@ -114,7 +127,11 @@ class ChatSession:
                 "adapter": getattr(self.variant, "adapter", None) or getattr(
                     self.variant, "lora_path", None), **row}
         self.store.upsert("messages", [full])
+        if self._rows is not None:
+            self._rows.append(full)
         self._seq += 1
+        if full["role"] == "assistant":
+            self._touch_session()
         return full
 
     def send(self, text: str, options: GenerationOptions | None = None) -> Iterator[Any]:

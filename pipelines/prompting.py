@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from jinja2 import TemplateError as JinjaTemplateError
@@ -112,6 +113,12 @@ def resolve_template(template: str) -> str:
     return NAMED_TEMPLATES.get(template, template)
 
 
+@lru_cache(maxsize=32)
+def _compiled(template: str):
+    """Templates are compiled once: a chat turn renders the same one again and again."""
+    return _ENV.from_string(template)
+
+
 def render_chat(
     template: str,
     messages: Sequence[Message],
@@ -121,8 +128,7 @@ def render_chat(
     add_generation_prompt: bool = True,
 ) -> str:
     try:
-        compiled = _ENV.from_string(resolve_template(template))
-        return compiled.render(
+        return _compiled(resolve_template(template)).render(
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
@@ -136,6 +142,7 @@ def render_chat(
         raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
 
 
+@lru_cache(maxsize=32)
 def supports_system(template: str) -> bool:
     """Whether a template accepts a system message (Gemma's do not)."""
     sentinel = "KYARA-SYSTEM-PROBE"

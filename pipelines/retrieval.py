@@ -202,13 +202,17 @@ class Retriever:
                 self._version = version
             return self._matrix, self._rows
 
+    def _store_side(self, query: str) -> tuple[list[dict], tuple[np.ndarray, list[dict]]]:
+        text_rows = self.store.search_knowledge_text(query, self.candidates, self._where)
+        return text_rows, self._vectors()
+
     def search(self, query: str, k: int | None = None) -> list[Hit]:
         k = k or self.k
-        # Full-text search runs in a thread while the query is embedded (both release the GIL).
-        text_future = self._pool.submit(self.store.search_knowledge_text, query,
-                                         self.candidates, self._where)
+        # The store's work (full-text search, the version check of the vector copy) runs in
+        # a thread while the query is embedded: both release the GIL.
+        store_future = self._pool.submit(self._store_side, query)
         qvec = self.embedder.queries([query])[0]
-        matrix, rows = self._vectors()
+        text_rows, (matrix, rows) = store_future.result()
         vector_ids: list[str] = []
         if len(rows):
             sims = matrix @ qvec
@@ -216,7 +220,6 @@ class Retriever:
             top = np.argpartition(-sims, n - 1)[:n]
             top = top[np.argsort(-sims[top])]
             vector_ids = [rows[i]["id"] for i in top]
-        text_rows = text_future.result()
         text_ids = [r["id"] for r in text_rows]
         by_id = {r["id"]: r for r in rows}
         by_id.update({r["id"]: r for r in text_rows if r["id"] not in by_id})

@@ -144,6 +144,10 @@ def knowledge_schema(dim: int, created_ns: int = 0) -> pa.Schema:
     ], metadata={CREATED_NS: str(created_ns).encode()})
 
 
+# What a full-text search returns: every knowledge column but the vector.
+KNOWLEDGE_TEXT_COLUMNS = ("id", "persona", "fact_id", "topic", "text", "content_hash", "embedder")
+
+
 def vector_dim(schema: pa.Schema) -> int:
     return schema.field("vector").type.list_size
 

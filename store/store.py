@@ -49,6 +49,7 @@ from store.schemas import (
     CREATED_NS,
     DEFAULTS,
     KNOWLEDGE,
+    KNOWLEDGE_TEXT_COLUMNS,
     META,
     META_TABLE,
     NOW,
@@ -269,9 +270,12 @@ class Store:
     def knowledge_version(self) -> int | None:
         """A number that changes whenever the knowledge table may have changed (any write,
         and a drop and re-create), for caches of its rows; None while it does not exist."""
-        if KNOWLEDGE not in self._table_names():
-            return None
-        tbl = self._table(KNOWLEDGE)
+        try:
+            tbl = self._table(KNOWLEDGE)
+        except StoreError:
+            if KNOWLEDGE not in self._table_names():
+                return None
+            raise
 
         def version() -> int:
             created = int((tbl.schema.metadata or {}).get(CREATED_NS, b"0"))
@@ -298,8 +302,7 @@ class Store:
         if not query.strip():
             return []
         tbl = self._table(KNOWLEDGE)
-        columns = [n for n in self._call(lambda: tbl.schema, "read the knowledge table").names
-                   if n != "vector"]
+        columns = list(KNOWLEDGE_TEXT_COLUMNS)  # known names: no schema read on the hot path
 
         def search() -> list[dict[str, Any]]:
             found = tbl.search(query, query_type="fts").select([*columns, "_score"]).limit(limit)
