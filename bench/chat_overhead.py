@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.chat import ChatSession, TurnDone  # noqa: E402
-from pipelines.inference import Delta, GenerationOptions  # noqa: E402
-from pipelines.inference.registry import load_backend  # noqa: E402
-from pipelines.retrieval import Retriever, get_embedder, index_persona  # noqa: E402
-from pipelines.workspace import Workspace  # noqa: E402
-from store import Store  # noqa: E402
+from pipelines.chat import ChatSession, TurnDone
+from pipelines.inference import Delta, GenerationOptions
+from pipelines.inference.registry import load_backend
+from pipelines.retrieval import Retriever, get_embedder, index_persona
+from pipelines.workspace import Workspace
+from store import Store
 
 QUESTIONS = ["好きなミュージカルは何ですか？", "飼っている犬の名前を教えて。",
              "お兄さんはどこにいるの？", "休日は何をして過ごしますか？"]
