@@ -1,23 +1,379 @@
-"""Entry point of the Textual chat console.
+"""The chat console (Textual). Never imports torch: models are reached through
+pipelines.chat, from a thread worker, because the backends stream synchronously.
 
-The console screens are not built yet (issue 5); until then `kyara chat` resolves the persona
-and the model variant — so a bad configuration is reported now — and says so.
+Shape of the app, after harlequin and oterm (../shared/STYLE.md):
+- every blocking call is a named thread worker that posts small Messages back;
+- all worker failures go through one `Worker.StateChanged` handler and become a
+  notification: the app and the transcript stay;
+- streamed text is batched (flushed every FLUSH_S) rather than re-rendered per token;
+- Escape cancels the reply in flight; the session stores it as `incomplete`.
 """
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.markup import escape
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.widgets import Footer, Input, OptionList, Static
+from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from console.widgets import Exchange, plain
+
+FLUSH_S = 0.03  # batch streamed text: ~33 screen updates a second at most
 
 
-def run_app(workspace, persona, variant, resume: str | None = None) -> None:
-    console = Console(highlight=False)
-    console.print(
-        f"kyara: persona [bold]{escape(persona.name)}[/] ({escape(persona.id)}), "
-        f"variant [bold]{escape(variant.name)}[/] ({variant.backend}), "
-        f"configs {escape(str(workspace.configs))}"
-    )
-    console.print(
-        "kyara: the chat console is not built yet (issue 5); "
-        "`kyara config check` and `kyara doctor` work now."
-    )
+@dataclass
+class ReplyChunk(Message):
+    exchange: Exchange
+    text: str
+
+
+@dataclass
+class ReplyRetrieved(Message):
+    exchange: Exchange
+    hits: list[Any]
+
+
+@dataclass
+class ReplyDone(Message):
+    exchange: Exchange
+    message: dict[str, Any] | None  # the stored assistant row
+    final: Any  # the last Delta (speed, stop reason), None when cut short
+
+
+class VariantPicker(OptionList):
+    """A small in-screen list to pick the model variant for the next message."""
+
+    DEFAULT_CSS = "VariantPicker { height: auto; max-height: 10; border: round $accent; }"
+
+
+class KyaraApp(App[None]):
+    TITLE = "kyara"
+    CSS = """
+    #status { height: 1; background: $panel; color: $text; padding: 0 1; }
+    #body { height: 1fr; }
+    #transcript { width: 1fr; padding: 0 1; }
+    #side { width: 40%; display: none; border-left: solid $accent; padding: 0 1; }
+    #side.open { display: block; }
+    #prompt { height: 3; }
+    """
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", id="cancel", priority=True),
+        Binding("ctrl+r", "toggle_rag", "RAG", id="toggle_rag"),
+        Binding("ctrl+t", "switch_variant", "Variant", id="switch_variant"),
+        Binding("ctrl+y", "copy_reply", "Copy", id="copy_reply"),
+        Binding("ctrl+o", "export", "Export", id="export"),
+        Binding("ctrl+s", "toggle_side", "Details", id="toggle_side"),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+    ]
+
+    def __init__(self, session: Any, *, variants: dict[str, Any], backend_loader: Any,
+                 judge: Any = None, judge_note: str | None = None,
+                 export_dir: Path | None = None, keymap: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.session = session
+        self.variants = variants  # name -> Variant config
+        self.backend_loader = backend_loader  # Variant -> ChatBackend (blocking)
+        self.backends: dict[str, Any] = {session.variant.name: session.backend}
+        self.judge = judge  # pipelines.judge live API, or None when no judge is configured
+        self.judge_note = judge_note
+        self.export_dir = export_dir or Path.cwd()
+        self._keymap = keymap or {}
+        self.exchanges: list[Exchange] = []
+        self.current: Exchange | None = None
+        self.last_final: Any = None
+
+    # --- layout --------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="status", markup=False)
+        with Horizontal(id="body"):
+            yield VerticalScroll(id="transcript")
+            yield VerticalScroll(Static("", id="side-text", markup=False), id="side")
+        yield Input(placeholder="メッセージを入力 (Enter で送信)", id="prompt")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self._keymap:
+            self.set_keymap(self._keymap)
+        self.query_one("#prompt", Input).focus()
+        self.refresh_status()
+        self.load_history()
+
+    @property
+    def criteria(self) -> list[str]:
+        return list(getattr(self.judge, "criteria", []) or [])
+
+    def refresh_status(self) -> None:
+        s = self.session
+        parts = [("kyara ", "bold"), (f"{s.persona.name} ", "bold magenta"),
+                 (f"| {s.variant.name} ({s.variant.backend}) ", ""),
+                 (f"| RAG {'on' if s.rag else 'off'} ", "green" if s.rag else "dim")]
+        judge = getattr(self.judge, "label", None) or self.judge_note or "no judge"
+        parts.append((f"| {judge} ", "dim"))
+        f = self.last_final
+        if f is not None:
+            if f.ttft_s is not None:
+                parts.append((f"| TTFT {f.ttft_s * 1000:.0f} ms ", ""))
+            if f.tokens_per_s:
+                parts.append((f"| {f.tokens_per_s:.1f} tok/s ", ""))
+            parts.append((f"| {f.stop_reason}", "" if f.stop_reason == "eos" else "yellow"))
+        self.query_one("#status", Static).update(Text.assemble(*parts))
+
+    def load_history(self) -> None:
+        """A resumed session shows its past exchanges (no re-judging)."""
+        rows = self.session.messages()
+        pending: Exchange | None = None
+        for row in rows:
+            if row["role"] == "user":
+                pending = self._new_exchange(row["content"], judged=False)
+            elif row["role"] == "assistant" and pending is not None:
+                pending.reply.append(row["content"])
+                pending.reply.finish(row["status"])
+                pending.message = row
+                pending = None
+        if pending is not None:
+            pending.reply.finish("error")
+
+    def _new_exchange(self, question: str, judged: bool = True) -> Exchange:
+        criteria = self.criteria if judged else []
+        note = None if (self.judge is not None or not judged) else self.judge_note
+        exchange = Exchange(question, self.session.persona.name, criteria, note)
+        self.exchanges.append(exchange)
+        self.query_one("#transcript", VerticalScroll).mount(exchange)
+        return exchange
+
+    # --- sending ---------------------------------------------------------------------------
+
+    @on(Input.Submitted, "#prompt")
+    def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.current is not None:
+            self.notify("a reply is still streaming (Escape cancels it)", severity="warning",
+                        markup=False)
+            return  # keep what was typed in the box
+        event.input.value = ""
+        self.current = self._new_exchange(text)
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+        self.generate(self.current, text)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="reply",
+          description="generate a reply")
+    def generate(self, exchange: Exchange, text: str) -> None:
+        from pipelines.chat import Retrieved, TurnDone
+
+        worker = get_current_worker()
+        session = self.session
+        name = session.variant.name
+        if not hasattr(session.backend, "stream"):
+            session.backend = self.backends.get(name) or session.backend
+        buffer: list[str] = []
+        last_flush = time.monotonic()
+        final = message = None
+        stream = session.send(text)
+        try:
+            for event in stream:
+                if worker.is_cancelled:
+                    break
+                if isinstance(event, Retrieved):
+                    self.post_message(ReplyRetrieved(exchange, event.hits))
+                elif isinstance(event, TurnDone):
+                    message = event.message
+                elif event.done:
+                    final = event
+                else:
+                    buffer.append(event.text)
+                    now = time.monotonic()
+                    if now - last_flush >= FLUSH_S:
+                        self.post_message(ReplyChunk(exchange, "".join(buffer)))
+                        buffer.clear()
+                        last_flush = now
+        finally:
+            stream.close()  # on cancel: stops generation and stores the reply as incomplete
+            if buffer:
+                self.post_message(ReplyChunk(exchange, "".join(buffer)))
+            if hasattr(session.backend, "stream"):
+                self.backends[name] = session.backend  # loaded once, kept for next time
+            if message is None:
+                rows = session.messages()
+                message = rows[-1] if rows and rows[-1]["role"] == "assistant" else None
+            self.post_message(ReplyDone(exchange, message, final))
+
+    def on_reply_chunk(self, event: ReplyChunk) -> None:
+        event.exchange.reply.append(event.text)
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    def on_reply_retrieved(self, event: ReplyRetrieved) -> None:
+        event.exchange.hits = list(event.hits)
+
+    def on_reply_done(self, event: ReplyDone) -> None:
+        from pipelines.style import check_reply
+
+        exchange = event.exchange
+        row = event.message
+        exchange.message = row
+        status = row["status"] if row else "incomplete"
+        exchange.reply.finish(status)
+        if event.final is not None:
+            self.last_final = event.final
+        if row is not None and row["status"] == "error":
+            self.notify(row.get("error") or "generation failed", severity="error",
+                        markup=False, timeout=8)
+        if row is not None and row["content"]:
+            exchange.badges.set_style(check_reply(row["content"], self.session.persona.speech,
+                                                  row.get("stop_reason")))
+        if self.current is exchange:
+            self.current = None
+        self.refresh_status()
+        if row is not None and status == "complete" and self.judge is not None:
+            self.judge_reply(exchange)
+
+    @work(exclusive=False, exit_on_error=False, group="judge", description="judge a reply")
+    async def judge_reply(self, exchange: Exchange) -> None:
+        """Scores arrive criterion by criterion without blocking the stream or the keys."""
+        row = exchange.message
+        async for verdict in self.judge.stream_verdicts(
+            question=exchange.question, reply=row["content"], message_id=row["id"],
+            history=[]):
+            exchange.badges.set_verdict(verdict)
+
+    @on(Worker.StateChanged)
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        """The one place worker failures surface: a notification; the app stays up."""
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        self.notify(f"{event.worker.description}: {error}", severity="error", markup=False,
+                    timeout=8)
+        if event.worker.group == "reply" and self.current is not None:
+            self.current.reply.finish("error")
+            self.current = None
+
+    # --- actions ---------------------------------------------------------------------------
+
+    def action_cancel(self) -> None:
+        picker = self.query(VariantPicker)
+        if picker:
+            picker.first().remove()
+            self.query_one("#prompt", Input).focus()
+            return
+        if self.current is not None:
+            self.workers.cancel_group(self, "reply")
+
+    def action_toggle_rag(self) -> None:
+        if not self.session.rag and self.session.retriever is None:
+            self.notify(f"persona not indexed: run `kyara index {self.session.persona.id}`",
+                        severity="warning", markup=False)
+            return
+        self.session.rag = not self.session.rag
+        self.refresh_status()
+
+    def action_switch_variant(self) -> None:
+        if self.query(VariantPicker):
+            return
+        picker = VariantPicker(*[Option(Text(f"{name}  ({v.backend})"), id=name)
+                                 for name, v in self.variants.items()])
+        self.mount(picker, before=self.query_one("#prompt"))
+        picker.focus()
+
+    @on(OptionList.OptionSelected)
+    def variant_chosen(self, event: OptionList.OptionSelected) -> None:
+        if not isinstance(event.option_list, VariantPicker):
+            return
+        event.option_list.remove()
+        self.set_variant(str(event.option.id))
+        self.query_one("#prompt", Input).focus()
+
+    def set_variant(self, name: str) -> None:
+        """Applies to the next message; every reply records the variant that made it."""
+        variant = self.variants[name]
+        self.session.variant = variant
+        self.session.backend = self.backends.get(name) or (
+            lambda v=variant: self.backend_loader(v))
+        self.refresh_status()
+        self.notify(f"variant: {name} (from the next message)", markup=False)
+
+    def selected(self) -> Exchange | None:
+        focused = self.focused
+        if isinstance(focused, Exchange):
+            return focused
+        done = [e for e in self.exchanges if e.message is not None]
+        return done[-1] if done else None
+
+    def action_copy_reply(self) -> None:
+        exchange = self.selected()
+        if exchange is None:
+            return
+        # OSC 52: the terminal on the user's side of the SSH connection takes the text.
+        self.copy_to_clipboard(f"あなた: {exchange.question}\n"
+                               f"{self.session.persona.name}: {exchange.reply.text}")
+        self.notify("copied the exchange (OSC 52)", markup=False)
+
+    def action_export(self) -> None:
+        from pipelines.export_md import session_markdown
+
+        path = self.export_dir / f"kyara-{self.session.session_id[:8]}.md"
+        path.write_text(session_markdown(self.session), encoding="utf-8")
+        self.notify(f"exported to {path}", markup=False)
+
+    def action_toggle_side(self) -> None:
+        side = self.query_one("#side")
+        side.toggle_class("open")
+        if side.has_class("open"):
+            self.show_details(self.selected())
+
+    def show_details(self, exchange: Exchange | None) -> None:
+        text = Text()
+        if exchange is None:
+            text.append("no reply selected", style="dim")
+        else:
+            text.append("retrieved facts\n", style="bold")
+            for hit in exchange.hits:
+                text.append(f"{hit.fact_id} ", style="cyan")
+                text.append_text(plain(hit.text))
+                text.append("\n")
+            if not exchange.hits:
+                text.append("(none: retrieval off)\n", style="dim")
+            for name, verdict in exchange.badges.verdicts.items():
+                text.append(f"\n{name}: {verdict.status} {verdict.score}\n", style="bold")
+                text.append_text(plain(verdict.reasoning or verdict.raw_text or ""))
+                text.append("\n")
+        self.query_one("#side-text", Static).update(text)
+
+    def on_descendant_focus(self, event: Any) -> None:
+        if isinstance(event.widget, Exchange) and self.query_one("#side").has_class("open"):
+            self.show_details(event.widget)
+
+
+def run_app(workspace: Any, persona: Any, variant: Any, resume: str | None = None) -> None:
+    """Build the session from the user's configuration and run the app."""
+    from pipelines.chat import open_session
+    from pipelines.inference.registry import load_backend
+
+    session = open_session(workspace, persona=persona.id, variant=variant.name, resume=resume)
+    variants = {name: workspace.variant(name) for name in workspace.variant_files()}
+    home = workspace.settings.home_path()
+    judge, note = make_judge(workspace, session)
+    KyaraApp(session, variants=variants, backend_loader=lambda v: load_backend(v, home),
+             judge=judge, judge_note=note,
+             keymap=workspace.settings.keymap.model_dump()).run()
+
+
+def make_judge(workspace: Any, session: Any) -> tuple[Any, str | None]:
+    """The live judge, or None and a line that says how to configure one."""
+    try:
+        from pipelines.judge.live import LiveJudge
+    except ImportError:
+        return None, "judge: not available in this build"
+    return LiveJudge.from_workspace(workspace, session.persona, session.store)

@@ -178,8 +178,10 @@ class Keymap(Strict):
     switch_variant: str = "ctrl+t"
     compare: str = "ctrl+k"
     jobs: str = "ctrl+j"
-    history: str = "ctrl+h"
+    history: str = "ctrl+g"  # not ctrl+h: many terminals send it for Backspace
     copy_reply: str = "ctrl+y"
+    export: str = "ctrl+o"
+    toggle_side: str = "ctrl+s"
     quit: str = "ctrl+q"
 
 
