@@ -114,19 +114,20 @@ class KyaraApp(App[None]):
         return list(getattr(self.judge, "criteria", []) or [])
 
     def refresh_status(self) -> None:
+        """One line, most useful first (it is cut at the right edge at 80 columns)."""
         s = self.session
-        parts = [("kyara ", "bold"), (f"{s.persona.name} ", "bold magenta"),
-                 (f"| {s.variant.name} ({s.variant.backend}) ", ""),
-                 (f"| RAG {'on' if s.rag else 'off'} ", "green" if s.rag else "dim")]
-        judge = getattr(self.judge, "label", None) or self.judge_note or "no judge"
-        parts.append((f"| {judge} ", "dim"))
+        parts = [(f"{s.persona.name} ", "bold magenta"),
+                 (f"{s.variant.name} ", "bold"),
+                 (f"RAG {'on' if s.rag else 'off'} ", "green" if s.rag else "dim")]
         f = self.last_final
         if f is not None:
             if f.ttft_s is not None:
-                parts.append((f"| TTFT {f.ttft_s * 1000:.0f} ms ", ""))
+                parts.append((f"TTFT {f.ttft_s * 1000:.0f} ms ", ""))
             if f.tokens_per_s:
-                parts.append((f"| {f.tokens_per_s:.1f} tok/s ", ""))
-            parts.append((f"| {f.stop_reason}", "" if f.stop_reason == "eos" else "yellow"))
+                parts.append((f"{f.tokens_per_s:.1f} tok/s ", ""))
+            parts.append((f"{f.stop_reason} ", "" if f.stop_reason == "eos" else "yellow"))
+        judge = getattr(self.judge, "label", None) or "judge: none"
+        parts.append((f"| {judge}", "dim"))
         self.query_one("#status", Static).update(Text.assemble(*parts))
 
     def load_history(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.widgets import Static
 
 from pipelines.style import StyleCheck
@@ -62,47 +62,48 @@ class ReplyText(Static):
                                   (tag, "dim italic")))
 
 
-class Badges(Horizontal):
-    """One badge per judge criterion (pending → score or failure) and per style check."""
+class Badges(Static):
+    """One badge per judge criterion (pending, then the score or why it failed) and one per
+    style check, as one wrapping line of text (readable at 80 columns)."""
 
-    DEFAULT_CSS = """
-    Badges { height: auto; width: 1fr; }
-    Badges > Static { width: auto; margin: 0 1 0 0; }
-    """
+    DEFAULT_CSS = "Badges { height: auto; width: 1fr; }"
 
     def __init__(self, criteria: list[str], note: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__("", markup=False, **kwargs)
         self.criteria = criteria
         self.note = note
         self.verdicts: dict[str, Any] = {}
+        self.checks: list[StyleCheck] = []
+        self._render_badges()
 
-    def compose(self):
-        for name in self.criteria:
-            yield Static(Text(f" {name} … ", style="dim"), id=f"judge-{name}", markup=False)
-        if self.note:
-            yield Static(Text(self.note, style="dim italic"), classes="note", markup=False)
-        yield Static("", id="style", markup=False)
+    def badge(self, criterion: str) -> Text:
+        verdict = self.verdicts.get(criterion)
+        if verdict is None:
+            return Text(f" {criterion} … ", style="dim")
+        if verdict.status == "ok" and verdict.score is not None:
+            weighted = verdict.weighted_score
+            shown = f"{weighted:.1f}" if weighted is not None else str(verdict.score)
+            return Text(f" {criterion} {shown} ", style=score_style(weighted or verdict.score))
+        return Text(f" {criterion} ✗ {verdict.error_kind or verdict.status} ", style="bold red")
 
     def set_verdict(self, verdict: Any) -> None:
         self.verdicts[verdict.criterion] = verdict
-        try:
-            badge = self.query_one(f"#judge-{verdict.criterion}", Static)
-        except Exception:
-            return  # a criterion the screen was not told about
-        if verdict.status == "ok" and verdict.score is not None:
-            shown = (f"{verdict.weighted_score:.1f}" if verdict.weighted_score is not None
-                     else str(verdict.score))
-            badge.update(Text(f" {verdict.criterion} {shown} ",
-                              style=score_style(verdict.weighted_score or verdict.score)))
-        else:
-            why = verdict.error_kind or verdict.status
-            badge.update(Text(f" {verdict.criterion} ✗ {why} ", style="bold red"))
+        self._render_badges()
 
     def set_style(self, checks: list[StyleCheck]) -> None:
-        parts = []
-        for c in checks:
-            parts.append((f" {c.name}{'✓' if c.ok else '✗'}", "green" if c.ok else "red"))
-        self.query_one("#style", Static).update(Text.assemble(*parts))
+        self.checks = list(checks)
+        self._render_badges()
+
+    def _render_badges(self) -> None:
+        text = Text()
+        for name in self.criteria:
+            text.append_text(self.badge(name))
+            text.append(" ")
+        if self.note:
+            text.append(self.note + " ", style="dim italic")
+        for c in self.checks:
+            text.append(f"{c.name}{'✓' if c.ok else '✗'} ", style="green" if c.ok else "red")
+        self.update(text)
 
 
 class Exchange(Vertical):

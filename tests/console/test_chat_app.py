@@ -137,13 +137,13 @@ async def test_stream_status_badges_and_judge(ws, store, tmp_path):
         assert any(isinstance(m, ReplyDone) for m in seen)
         status = str(app.query_one("#status").render())
         assert "gemma3-270m" in status and "TTFT 12 ms" in status and "42.0 tok/s" in status
+        assert "RAG off" in status
         assert "eos" in status and "RAG off" in status and "ρ 0.81" in status
         badges = exchange.badges
         assert badges.verdicts["personality"].score == 6
-        assert "5.7" in str(badges.query_one("#judge-personality").render())
-        assert "rate_limited" in str(badges.query_one("#judge-style").render())
-        style = str(badges.query_one("#style").render())
-        assert "length✓" in style and "ends✓" in style and "stop✓" in style
+        shown = str(badges.render())
+        assert "personality 5.7" in shown and "style ✗ rate_limited" in shown
+        assert "length✓" in shown and "ends✓" in shown and "stop✓" in shown
         assert judge.calls[0][0] == "こんにちは"
         assert judge.calls[0][2] == exchange.message["id"]
     rows = store.rows("messages")
@@ -233,8 +233,7 @@ async def test_no_judge_badges_say_how_to_configure(ws, store, tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await type_and_send(pilot, "こんにちは")
         await wait_idle(pilot, app)
-        note = app.exchanges[0].badges.query_one(".note")
-        assert "OPENAI_API_KEY" in str(note.render())
+        assert "OPENAI_API_KEY" in str(app.exchanges[0].badges.render())
 
 
 async def test_resume_shows_the_past_and_export(ws, store, tmp_path):
