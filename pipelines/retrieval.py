@@ -14,6 +14,7 @@ dense vectors, fused with reciprocal-rank fusion (RRF).
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,8 @@ from pipelines.config import ConfigError, KnowledgeFact
 from store import Store
 from store.sql import quote
 
+# Runs of kanji, katakana, Latin letters and digits: the content words of a Japanese question.
+_CONTENT = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\u30a0-\u30ffー々A-Za-z0-9０-９Ａ-Ｚａ-ｚ]+")
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks past ~60 barely count
 _NAMESPACE = uuid.UUID("6f1c2a52-8d0e-4c4e-9a55-0b5a8f0f2b11")
 
@@ -203,7 +206,8 @@ class Retriever:
             return self._matrix, self._rows
 
     def _store_side(self, query: str) -> tuple[list[dict], tuple[np.ndarray, list[dict]]]:
-        text_rows = self.store.search_knowledge_text(query, self.candidates, self._where)
+        text_rows = self.store.search_knowledge_text(text_query(query), self.candidates,
+                                                     self._where)
         return text_rows, self._vectors()
 
     def search(self, query: str, k: int | None = None) -> list[Hit]:
@@ -227,6 +231,14 @@ class Retriever:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def text_query(question: str) -> str:
+    """The full-text side searches the question's content words only. Particles and
+    endings (の, は, を, ですか) are 1-grams found in nearly every fact: they add posting
+    lists to scan and rank nothing. A question written all in hiragana is kept whole."""
+    words = _CONTENT.findall(question)
+    return " ".join(words) if words else question
 
 
 def fuse(text_ids: Sequence[str], vector_ids: Sequence[str], rows: dict[str, dict],

@@ -97,3 +97,11 @@ def test_cli_index_and_retrieve(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("k027\t")
     assert "WARN" not in proc.stderr  # lance's deprecation chatter is kept off the screen
+
+
+def test_full_text_side_searches_content_words():
+    from pipelines.retrieval import text_query
+
+    assert text_query("飼っている犬の名前を教えて。") == "飼 犬 名前 教"
+    assert text_query("好きなミュージカルは？") == "好 ミュージカル"
+    assert text_query("どこにすんでいるの？") == "どこにすんでいるの？"  # all hiragana: kept
