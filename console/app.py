@@ -66,19 +66,22 @@ class KyaraApp(App[None]):
     #side.open { display: block; }
     #prompt { height: 3; }
     """
+    # priority: these act from anywhere, the input box included (Input has its own ctrl+k)
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="cancel", priority=True),
-        Binding("ctrl+r", "toggle_rag", "RAG", id="toggle_rag"),
-        Binding("ctrl+t", "switch_variant", "Variant", id="switch_variant"),
-        Binding("ctrl+y", "copy_reply", "Copy", id="copy_reply"),
-        Binding("ctrl+o", "export", "Export", id="export"),
-        Binding("ctrl+s", "toggle_side", "Details", id="toggle_side"),
+        Binding("ctrl+r", "toggle_rag", "RAG", id="toggle_rag", priority=True),
+        Binding("ctrl+t", "switch_variant", "Variant", id="switch_variant", priority=True),
+        Binding("ctrl+k", "compare", "Compare", id="compare", priority=True),
+        Binding("ctrl+y", "copy_reply", "Copy", id="copy_reply", priority=True),
+        Binding("ctrl+o", "export", "Export", id="export", priority=True),
+        Binding("ctrl+s", "toggle_side", "Details", id="toggle_side", priority=True),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
     ]
 
     def __init__(self, session: Any, *, variants: dict[str, Any], backend_loader: Any,
                  judge: Any = None, judge_note: str | None = None,
-                 export_dir: Path | None = None, keymap: dict[str, str] | None = None) -> None:
+                 export_dir: Path | None = None, keymap: dict[str, str] | None = None,
+                 compare_spec: list[str] | None = None) -> None:
         super().__init__()
         self.session = session
         self.variants = variants  # name -> Variant config
@@ -88,6 +91,7 @@ class KyaraApp(App[None]):
         self.judge_note = judge_note
         self.export_dir = export_dir or Path.cwd()
         self._keymap = keymap or {}
+        self.compare_spec = compare_spec or []
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
         self.last_final: Any = None
@@ -264,6 +268,9 @@ class KyaraApp(App[None]):
     # --- actions ---------------------------------------------------------------------------
 
     def action_cancel(self) -> None:
+        if self.screen is not self.screen_stack[0] and hasattr(self.screen, "action_cancel"):
+            self.screen.action_cancel()  # Escape belongs to the screen on top (compare, ...)
+            return
         picker = self.query(VariantPicker)
         if picker:
             picker.first().remove()
@@ -304,6 +311,24 @@ class KyaraApp(App[None]):
             lambda v=variant: self.backend_loader(v))
         self.refresh_status()
         self.notify(f"variant: {name} (from the next message)", markup=False)
+
+    def action_compare(self) -> None:
+        from console.compare import CompareScreen
+        from pipelines.chat import ChatSession, default_combos
+        from pipelines.inference.base import BackendError
+
+        s = self.session
+        try:
+            combos = default_combos(self.variants or {s.variant.name: s.variant}, s.variant,
+                                    s.retriever is not None, self.compare_spec)
+        except BackendError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        session = ChatSession(store=s.store, persona=s.persona, variant=s.variant,
+                              backend=self.backends.get(s.variant.name), retriever=s.retriever,
+                              kind="compare")
+        self.push_screen(CompareScreen(session, combos, backends=self.backends,
+                                       loader=self.backend_loader, judge=self.judge))
 
     def selected(self) -> Exchange | None:
         focused = self.focused
@@ -367,8 +392,8 @@ def run_app(workspace: Any, persona: Any, variant: Any, resume: str | None = Non
     home = workspace.settings.home_path()
     judge, note = make_judge(workspace, session)
     KyaraApp(session, variants=variants, backend_loader=lambda v: load_backend(v, home),
-             judge=judge, judge_note=note,
-             keymap=workspace.settings.keymap.model_dump()).run()
+             judge=judge, judge_note=note, keymap=workspace.settings.keymap.model_dump(),
+             compare_spec=workspace.settings.compare).run()
 
 
 def make_judge(workspace: Any, session: Any) -> tuple[Any, str | None]:

@@ -134,13 +134,21 @@ class ChatSession:
             self._touch_session()
         return full
 
-    def send(self, text: str, options: GenerationOptions | None = None) -> Iterator[Any]:
+    def send(self, text: str, options: GenerationOptions | None = None, *,
+             new_question: bool = True) -> Iterator[Any]:
         """Yields Retrieved (when retrieval is on), Deltas, then TurnDone. Stopping the
-        iteration early stores the reply so far as `incomplete`."""
+        iteration early stores the reply so far as `incomplete`.
+
+        new_question=False answers the question already stored last again (a comparison:
+        one question, one reply per variant/retrieval combination)."""
         options = options or GenerationOptions.from_config(self.variant.generation)
-        history = self.history()  # read before this turn is written
+        if self.kind == "compare":
+            history = []  # each compared question stands alone
+        else:
+            history = self.history()  # read before this turn is written
         self._ensure_session(text)
-        self._write({"role": "user", "content": text, "status": "complete"})
+        if new_question:
+            self._write({"role": "user", "content": text, "status": "complete"})
 
         hits: list[Any] | None = None
         context: str | None = None
@@ -268,3 +276,57 @@ def open_retriever(workspace: Any, persona: str | None = None) -> Any:
     if retriever is None:
         raise BackendError(f"persona '{p.id}' is not indexed (run: kyara index {p.id})")
     return retriever
+
+
+@dataclass
+class Combo:
+    """One column of a comparison: a variant and whether retrieval is on."""
+
+    variant: Variant
+    rag: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} · RAG {'on' if self.rag else 'off'}"
+
+
+def default_combos(variants: dict[str, Variant], current: Variant, rag_available: bool,
+                   wanted: list[str] | None = None) -> list[Combo]:
+    """The comparison to run: the configured one (`name` or `name+rag` items), else the 2×2
+    of the current variant and the first fine-tuned one (a LoRA adapter or GGUF LoRA) ×
+    retrieval off / on — fewer when there is no fine-tuned variant or no index."""
+    if wanted:
+        combos = []
+        for item in wanted:
+            name, _, flag = item.partition("+")
+            if name not in variants:
+                raise BackendError(f"compare: unknown variant '{name}' "
+                                   f"(known: {', '.join(variants)})")
+            combos.append(Combo(variants[name], flag == "rag"))
+        return combos[:4]
+    tuned = next((v for v in variants.values() if v.name != current.name and (
+        getattr(v, "adapter", None) or getattr(v, "lora_path", None))), None)
+    models = [current] + ([tuned] if tuned is not None else [])
+    rags = [False, True] if rag_available else [False]
+    return [Combo(v, r) for v in models for r in rags]
+
+
+def compare(session: ChatSession, text: str, combos: list[Combo],
+            backends: dict[str, Any], loader: Callable[[Variant], ChatBackend],
+            options: GenerationOptions | None = None) -> Iterator[tuple[int, Any]]:
+    """Ask one question of each combination, one after another (they share the device),
+    in a `compare` session: yields (combination index, event). `backends` caches loaded
+    backends by variant name across calls."""
+    for index, combo in enumerate(combos):
+        session.variant = combo.variant
+        session.rag = combo.rag
+        name = combo.variant.name
+        session.backend = backends.get(name) or (lambda v=combo.variant: loader(v))
+        stream = session.send(text, options, new_question=index == 0)
+        try:
+            for event in stream:
+                yield index, event
+        finally:
+            stream.close()
+            if hasattr(session.backend, "stream"):
+                backends[name] = session.backend

@@ -194,6 +194,11 @@ class AppSettings(Strict):
     default_variant: str = "gemma3-270m"
     default_judge: str | None = "gpt-4o-mini"
     rag: bool = False
+    compare: list[str] = Field(
+        default_factory=list,
+        description="combinations for Compare, e.g. [base, base+rag, tuned, tuned+rag]; "
+                    "empty = current and first fine-tuned variant x retrieval off/on",
+    )
     llama_cpp_dir: str | None = Field(
         None, description="a llama.cpp checkout whose convert_hf_to_gguf.py to use"
     )

@@ -202,3 +202,44 @@ def test_backend_loaded_lazily_after_the_question_is_stored(ws, store):
     # a later send tries to load again (the user may have fixed the path meanwhile)
     list(session.send("もう一度"))
     assert len(calls) == 2
+
+
+def test_compare_asks_once_and_answers_per_combination(ws, store):
+    from pipelines.chat import Combo, compare, default_combos
+
+    variants = {n: ws.variant(n) for n in ("gemma3-270m", "gemma-2-2b-jpn-it",
+                                           "gemma-2-2b-jpn-it-ayane")}
+    combos = default_combos(variants, variants["gemma-2-2b-jpn-it"], rag_available=True)
+    assert [c.label for c in combos] == [
+        "gemma-2-2b-jpn-it · RAG off", "gemma-2-2b-jpn-it · RAG on",
+        "gemma-2-2b-jpn-it-ayane · RAG off", "gemma-2-2b-jpn-it-ayane · RAG on"]
+    assert len(default_combos(variants, variants["gemma3-270m"], False)) == 2
+    with pytest.raises(BackendError, match="unknown variant 'nope'"):
+        default_combos(variants, variants["gemma3-270m"], True, ["nope+rag"])
+
+    from pipelines.retrieval import Hit
+
+    hit = Hit(fact_id="k027", text="絢音の愛犬はレオである。", topic="pets", score=0.03,
+              text_rank=1, vector_rank=1)
+    loaded = []
+
+    def loader(v):
+        loaded.append(v.name)
+        b = ScriptedBackend()
+        b.enqueue([f"{v.name}ですわ。"])
+        b.enqueue([f"{v.name}ですわ。"])
+        return b
+
+    session = ChatSession(store=store, persona=ws.persona("ayane"), variant=combos[0].variant,
+                          backend=None, retriever=FixedRetriever([hit]), kind="compare")
+    backends: dict = {}
+    events = list(compare(session, "犬の名前は？", combos, backends, loader))
+    assert loaded == ["gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane"]  # each loaded once
+    rows = session.messages()
+    assert [r["role"] for r in rows] == ["user"] + ["assistant"] * 4
+    assert [(r["variant"], r["rag"]) for r in rows[1:]] == [
+        (c.variant.name, c.rag) for c in combos]
+    assert rows[2]["retrieved_ids"] == ["k027"] and rows[1]["retrieved_ids"] is None
+    assert {i for i, _ in events} == {0, 1, 2, 3}
+    assert store.get("sessions", session.session_id)["kind"] == "compare"
+    assert Combo(combos[0].variant, True).label.endswith("RAG on")

@@ -251,3 +251,55 @@ async def test_resume_shows_the_past_and_export(ws, store, tmp_path):
     exported = (tmp_path / f"kyara-{first.session_id[:8]}.md").read_text(encoding="utf-8")
     assert "**あなた**: 前の質問" in exported and "前回ですわ。" in exported
     assert "variant gemma3-270m" in exported
+
+
+async def test_compare_side_by_side_and_reopen(ws, store, tmp_path):
+    from console.compare import CompareScreen
+
+    variants = {n: ws.variant(n) for n in ("gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane")}
+    session = ChatSession(store=store, persona=ws.persona("ayane"),
+                          variant=variants["gemma-2-2b-jpn-it"], backend=ScriptedBackend())
+    loaded = []
+
+    def loader(v):
+        loaded.append(v.name)
+        return ScriptedBackend([[v.name[-5:], "ですわ。"]] * 4)
+
+    judge = ScriptedJudge()
+    app = KyaraApp(session, variants=variants, backend_loader=loader, judge=judge,
+                   export_dir=tmp_path)
+    app.backends = {}  # nothing loaded yet: both variants come from the loader
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+k")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, CompareScreen)
+        assert [c.label for c in screen.combos] == ["gemma-2-2b-jpn-it · RAG off",
+                                                    "gemma-2-2b-jpn-it-ayane · RAG off"]
+        screen.query_one("#compare-prompt").value = "好きな食べ物は？"
+        await pilot.press("enter")
+        for _ in range(300):
+            await pilot.pause(0.02)
+            if not screen.busy and all(c.badges.verdicts for c in screen.rounds[0]):
+                break
+        columns = screen.rounds[0]
+        assert [c.reply.text for c in columns] == ["pn-itですわ。", "ayaneですわ。"]
+        assert all("personality 5.7" in str(c.badges.render()) for c in columns)
+        assert loaded == ["gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane"]
+        compare_id = screen.session.session_id
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, CompareScreen)
+    # reopened later: the stored comparison comes back column by column
+    from pipelines.chat import ChatSession as CS
+
+    reopened = CS.resume(store, compare_id, persona=session.persona,
+                         variant=session.variant, backend=None, kind="compare")
+    app2 = KyaraApp(session, variants=variants, backend_loader=loader, export_dir=tmp_path)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        screen = CompareScreen(reopened, [], backends={}, loader=loader)
+        await app2.push_screen(screen)
+        await pilot.pause()
+        assert [c.reply.text for c in screen.rounds[0]] == ["pn-itですわ。", "ayaneですわ。"]
+        assert [c.label for c in screen.rounds[0]] == ["gemma-2-2b-jpn-it · RAG off",
+                                                       "gemma-2-2b-jpn-it-ayane · RAG off"]
