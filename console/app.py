@@ -72,6 +72,7 @@ class KyaraApp(App[None]):
         Binding("ctrl+r", "toggle_rag", "RAG", id="toggle_rag", priority=True),
         Binding("ctrl+t", "switch_variant", "Variant", id="switch_variant", priority=True),
         Binding("ctrl+k", "compare", "Compare", id="compare", priority=True),
+        Binding("ctrl+g", "history", "History", id="history", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy", id="copy_reply", priority=True),
         Binding("ctrl+o", "export", "Export", id="export", priority=True),
         Binding("ctrl+s", "toggle_side", "Details", id="toggle_side", priority=True),
@@ -329,6 +330,38 @@ class KyaraApp(App[None]):
                               kind="compare")
         self.push_screen(CompareScreen(session, combos, backends=self.backends,
                                        loader=self.backend_loader, judge=self.judge))
+
+    def action_history(self) -> None:
+        from console.history import HistoryScreen
+
+        if self.screen is self.screen_stack[0] and self.current is None:
+            self.push_screen(HistoryScreen(self.session.store, self.session.persona.id),
+                             self.reopen)
+
+    def reopen(self, row: dict[str, Any] | None) -> None:
+        """Reopen a past chat in this screen, or a past comparison in its own."""
+        from pipelines.chat import ChatSession
+
+        if row is None:
+            return
+        s = self.session
+        variant = self.variants.get(row.get("variant") or "", s.variant)
+        if row["kind"] == "compare":
+            from console.compare import CompareScreen
+
+            past = ChatSession.resume(s.store, row["id"], persona=s.persona, variant=variant,
+                                      backend=None, retriever=s.retriever, kind="compare")
+            self.push_screen(CompareScreen(past, [], backends=self.backends,
+                                           loader=self.backend_loader, judge=self.judge))
+            return
+        self.session = ChatSession.resume(
+            s.store, row["id"], persona=s.persona, variant=variant, retriever=s.retriever,
+            rag=s.rag, backend=self.backends.get(variant.name) or (
+                lambda v=variant: self.backend_loader(v)))
+        self.exchanges.clear()
+        self.query_one("#transcript", VerticalScroll).remove_children()
+        self.load_history()
+        self.refresh_status()
 
     def selected(self) -> Exchange | None:
         focused = self.focused

@@ -303,3 +303,28 @@ async def test_compare_side_by_side_and_reopen(ws, store, tmp_path):
         assert [c.reply.text for c in screen.rounds[0]] == ["pn-itですわ。", "ayaneですわ。"]
         assert [c.label for c in screen.rounds[0]] == ["gemma-2-2b-jpn-it · RAG off",
                                                        "gemma-2-2b-jpn-it-ayane · RAG off"]
+
+
+async def test_history_lists_sessions_and_reopens_one(ws, store, tmp_path):
+    from console.history import HistoryScreen
+
+    old = ChatSession(store=store, persona=ws.persona("ayane"),
+                      variant=ws.variant("gemma3-270m"), backend=ScriptedBackend([["昔の話ですわ。"]]))
+    list(old.send("昔の質問"))
+    app = make_app(ws, store, ScriptedBackend([["今ですわ。"]]), None, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await type_and_send(pilot, "今の質問")
+        await wait_idle(pilot, app)
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, HistoryScreen)
+        titles = [r["title"] for r in screen.rows]
+        assert titles == ["今の質問", "昔の質問"]  # newest first
+        screen.query_one("#history").highlighted = 1
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, HistoryScreen)
+        assert app.session.session_id == old.session_id
+        assert [e.question for e in app.exchanges] == ["昔の質問"]
+        assert app.exchanges[0].reply.text == "昔の話ですわ。"

@@ -1,0 +1,60 @@
+"""History: past chat sessions and comparisons, newest first; Enter reopens one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer, OptionList, Static
+from textual.widgets.option_list import Option
+
+
+def session_rows(store: Any, persona: str | None = None) -> list[dict[str, Any]]:
+    from store.sql import quote
+
+    where = f"persona = {quote(persona)}" if persona else None
+    rows = store.rows("sessions", where=where)
+    return sorted(rows, key=lambda r: r["updated_at"], reverse=True)
+
+
+def describe(row: dict[str, Any]) -> Text:
+    when = row["updated_at"].astimezone().strftime("%m-%d %H:%M")
+    kind = "比較" if row["kind"] == "compare" else "chat"
+    return Text.assemble((f"{when} ", "dim"), (f"{kind:<5}", "cyan"),
+                         (f"{row.get('variant') or '':<18.18} ", "dim"),
+                         (row.get("title") or "(無題)", ""))
+
+
+class HistoryScreen(Screen[dict[str, Any] | None]):
+    """Dismisses with the chosen session row (or None on Escape)."""
+
+    DEFAULT_CSS = """
+    #history-title { height: 1; background: $panel; padding: 0 1; }
+    #history { height: 1fr; }
+    """
+
+    def __init__(self, store: Any, persona: str) -> None:
+        super().__init__()
+        self.store = store
+        self.persona = persona
+        self.rows = session_rows(store, persona)
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(f"history: {len(self.rows)} sessions (Enter opens, Escape back)"),
+                     id="history-title", markup=False)
+        yield OptionList(*[Option(describe(r), id=r["id"]) for r in self.rows], id="history")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#history", OptionList).focus()
+
+    @on(OptionList.OptionSelected, "#history")
+    def chosen(self, event: OptionList.OptionSelected) -> None:
+        row = next(r for r in self.rows if r["id"] == event.option.id)
+        self.dismiss(row)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
