@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.text import Text
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
@@ -157,6 +157,25 @@ class KyaraApp(App[None]):
         self.exchanges.append(exchange)
         self.query_one("#transcript", VerticalScroll).mount(exchange)
         return exchange
+
+    def get_system_commands(self, screen: Any):
+        """The command palette (ctrl+p): Textual's own commands, one entry per model variant,
+        and the console's actions."""
+        yield from super().get_system_commands(screen)
+        for name, variant in self.variants.items():
+            yield SystemCommand(f"Variant: {name}", f"chat with {name} ({variant.backend}) "
+                                "from the next message",
+                                lambda n=name: self.set_variant(n))
+        yield SystemCommand("Retrieval: toggle", "persona facts in the prompt on / off",
+                            self.action_toggle_rag)
+        yield SystemCommand("Compare variants", "one question to several combinations",
+                            self.action_compare)
+        yield SystemCommand("History", "past chats and comparisons", self.action_history)
+        yield SystemCommand("Export session to Markdown", "", self.action_export)
+        yield from self.extra_commands()
+
+    def extra_commands(self):
+        return iter(())
 
     # --- sending ---------------------------------------------------------------------------
 

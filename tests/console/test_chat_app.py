@@ -328,3 +328,17 @@ async def test_history_lists_sessions_and_reopens_one(ws, store, tmp_path):
         assert app.session.session_id == old.session_id
         assert [e.question for e in app.exchanges] == ["昔の質問"]
         assert app.exchanges[0].reply.text == "昔の話ですわ。"
+
+
+async def test_command_palette_switches_variant(ws, store, tmp_path):
+    app = make_app(ws, store, ScriptedBackend(), None, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Variant: gemma-2-2b-jpn-it" in titles and "Compare variants" in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Variant: gemma-2-2b")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.session.variant.name == "gemma-2-2b-jpn-it"
