@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from console.jobs_cli import jobs_app
+
 app = typer.Typer(
     name="kyara",
     help="A terminal console for building character-roleplay LLMs.",
@@ -23,6 +25,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check the YAML under configs/.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(jobs_app, name="jobs")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
