@@ -73,6 +73,7 @@ class KyaraApp(App[None]):
         Binding("ctrl+t", "switch_variant", "Variant", id="switch_variant", priority=True),
         Binding("ctrl+k", "compare", "Compare", id="compare", priority=True),
         Binding("ctrl+g", "history", "History", id="history", priority=True),
+        Binding("ctrl+j", "jobs", "Jobs", id="jobs", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy", id="copy_reply", priority=True),
         Binding("ctrl+o", "export", "Export", id="export", priority=True),
         Binding("ctrl+s", "toggle_side", "Details", id="toggle_side", priority=True),
@@ -82,7 +83,7 @@ class KyaraApp(App[None]):
     def __init__(self, session: Any, *, variants: dict[str, Any], backend_loader: Any,
                  judge: Any = None, judge_note: str | None = None,
                  export_dir: Path | None = None, keymap: dict[str, str] | None = None,
-                 compare_spec: list[str] | None = None) -> None:
+                 compare_spec: list[str] | None = None, workspace: Any = None) -> None:
         super().__init__()
         self.session = session
         self.variants = variants  # name -> Variant config
@@ -93,6 +94,7 @@ class KyaraApp(App[None]):
         self.export_dir = export_dir or Path.cwd()
         self._keymap = keymap or {}
         self.compare_spec = compare_spec or []
+        self.workspace = workspace  # for the jobs screen and re-reading variants
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
         self.last_final: Any = None
@@ -175,7 +177,44 @@ class KyaraApp(App[None]):
         yield from self.extra_commands()
 
     def extra_commands(self):
-        return iter(())
+        if self.workspace is None:
+            return
+        for name, path in self.workspace.job_files().items():
+            yield SystemCommand(f"Run job: {name}", f"start {path.name} as a detached job",
+                                lambda p=path: self.start_job(p))
+
+    def action_jobs(self) -> None:
+        from console.jobs_screen import JobsScreen
+
+        if self.workspace is None:
+            self.notify("jobs need the configs directory", severity="warning", markup=False)
+            return
+        if not isinstance(self.screen, JobsScreen):
+            self.push_screen(JobsScreen(self.workspace, self.session.store,
+                                        on_finished=self.job_finished))
+
+    def start_job(self, path: Path) -> None:
+        from console.jobs_screen import JobsScreen
+
+        self.action_jobs()
+        screen = self.screen
+        if isinstance(screen, JobsScreen):
+            screen.call_after_refresh(screen.start_job, path)
+
+    def job_finished(self, run: Any) -> None:
+        """A finished job may have registered a variant: offer it at once."""
+        if self.workspace is None:
+            return
+        from pipelines.config import ConfigError
+
+        known = set(self.variants)
+        try:
+            self.variants = {n: self.workspace.variant(n) for n in self.workspace.variant_files()}
+        except ConfigError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        for name in sorted(set(self.variants) - known):
+            self.notify(f"new variant: {name} (ctrl+t to use it)", markup=False)
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -445,7 +484,7 @@ def run_app(workspace: Any, persona: Any, variant: Any, resume: str | None = Non
     judge, note = make_judge(workspace, session)
     KyaraApp(session, variants=variants, backend_loader=lambda v: load_backend(v, home),
              judge=judge, judge_note=note, keymap=workspace.settings.keymap.model_dump(),
-             compare_spec=workspace.settings.compare).run()
+             compare_spec=workspace.settings.compare, workspace=workspace).run()
 
 
 def make_judge(workspace: Any, session: Any) -> tuple[Any, str | None]:
