@@ -43,8 +43,7 @@ def ws_with_variant(workspace, configs):  # noqa: F811
 
 
 async def test_start_watch_and_reattach(ws_with_variant, tmp_path):
-    workspace = ws_with_variant
-    app = app_for(workspace, tmp_path)
+    app = app_for(ws_with_variant, tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Run job: index-tiny" in titles  # a palette entry per job file
@@ -62,7 +61,7 @@ async def test_start_watch_and_reattach(ws_with_variant, tmp_path):
         log = str(screen.query_one("#run-log").render())
         assert "done" in log and "added" in log
     # a new console re-attaches: the run and its whole log come back from the files
-    again = app_for(workspace, tmp_path)
+    again = app_for(ws_with_variant, tmp_path)
     async with again.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+j")
         await pilot.pause(0.8)
@@ -74,8 +73,7 @@ async def test_start_watch_and_reattach(ws_with_variant, tmp_path):
 async def test_cancel_a_running_job(ws_with_variant, job_file, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("KYARA_JOB_MODULES", FAKE_MODULES)
     path = job_file("slow", steps=200)
-    workspace = ws_with_variant
-    app = app_for(workspace, tmp_path)
+    app = app_for(ws_with_variant, tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+j")
         await pilot.pause()
