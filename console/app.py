@@ -307,9 +307,14 @@ class KyaraApp(App[None]):
     async def judge_reply(self, exchange: Exchange) -> None:
         """Scores arrive criterion by criterion without blocking the stream or the keys."""
         row = exchange.message
+        # earlier turns of this chat go with it (the Stability criterion reads them)
+        earlier = [m for e in self.exchanges if e is not exchange and e.message is not None
+                   and e.message["status"] == "complete"
+                   for m in ({"role": "user", "content": e.question},
+                             {"role": "assistant", "content": e.message["content"]})]
         async for verdict in self.judge.stream_verdicts(
             question=exchange.question, reply=row["content"], message_id=row["id"],
-            history=[]):
+            history=earlier[-8:]):
             exchange.badges.set_verdict(verdict)
 
     @on(Worker.StateChanged)

@@ -214,6 +214,11 @@ def ask(
               soft_wrap=True)
 
 
+from console.judge_cli import judge_app  # noqa: E402  (the `kyara judge` commands)
+
+app.add_typer(judge_app, name="judge")
+
+
 def main() -> None:
     try:
         app()

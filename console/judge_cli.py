@@ -1,0 +1,234 @@
+"""`kyara judge`: score a data file on criteria, and calibrate a judge against the human
+labels. Registered in console/cli.py with `app.add_typer(judge_app, name="judge")`.
+
+    kyara judge DATA.jsonl --criteria personality,style [--judge NAME] [--persona P] [-o OUT]
+    kyara judge calibrate [--persona ayane] [--judge NAME] [--criterion personality]
+
+`kyara judge DATA.jsonl` is short for `kyara judge score DATA.jsonl`. Progress goes to
+stderr, tables to stdout. Judge reasoning and file contents are untrusted text: they are
+printed escaped, never as markup. Heavy imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class _ScoreByDefault(TyperGroup):
+    """`kyara judge DATA.jsonl ...` runs `score`: a first word that is not a command
+    (nor --help) is the data file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["score", *args]
+        return super().parse_args(ctx, args)
+
+
+judge_app = typer.Typer(
+    cls=_ScoreByDefault,
+    help="Score data with an LLM judge; calibrate a judge against human labels.",
+    no_args_is_help=True,
+)
+
+ConfigsOption = typer.Option(
+    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"kyara: {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.config import ConfigError
+    from pipelines.inference.base import BackendError
+    from pipelines.judge import JudgeError
+    from store import StoreError
+
+    return (ConfigError, StoreError, BackendError, JudgeError)
+
+
+def _progress(total: int, what: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=err)
+    progress.add_task(escape(what), total=total)
+    return progress
+
+
+def _run(judge: Any, work: Any) -> Any:
+    """Run the judge's coroutine; the judge is closed (pending verdicts written) even when
+    interrupted."""
+    async def main() -> Any:
+        try:
+            return await work
+        finally:
+            await judge.aclose()
+
+    return asyncio.run(main())
+
+
+@judge_app.command("score")
+def score(
+    data: Path = typer.Argument(..., help="JSONL: dialogues ({id, messages}) or "
+                                          "calibration rows ({id, question, reply})"),
+    criteria: Optional[str] = typer.Option(None, "--criteria", "-c",
+                                           help="comma-separated; default: the judge's"),
+    judge: Optional[str] = typer.Option(None, "--judge", "-j", help="configs/judges/<name>.yaml"),
+    persona: Optional[str] = typer.Option(None, "--persona", "-p", help="persona name"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="write one row per item with its verdicts"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Judge every item on every criterion (resumable).
+
+    Verdicts are stored as they come: run it again after an interruption and only what
+    is missing is judged."""
+    from pipelines.judge import Judge
+    from pipelines.judge.batch import load_items, summarize, write_output
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        config = ws.judge(judge)
+        names = [c.strip() for c in criteria.split(",") if c.strip()] if criteria else None
+        names = names or list(config.criteria)
+        items = load_items(data)
+        j = Judge.open(ws, config.name, persona, criteria=names)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    total = len(items) * len(names)
+    progress = _progress(total, f"judge {j.name} · {', '.join(names)}")
+    task_id = progress.task_ids[0]
+
+    def seen(_interaction: Any, _verdict: Any) -> None:
+        progress.advance(task_id)
+
+    try:
+        with progress:
+            results = _run(j, j.score_items([i.interaction for i in items], names,
+                                            on_verdict=seen))
+        if output is not None:
+            write_output(output, items, names, results)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    _print_summary(summarize(results, names), j)
+    if output is not None:
+        err.print(f"wrote {len(items)} rows to {escape(str(output))}", soft_wrap=True)
+    if j.fatal is not None:
+        _fail(str(j.fatal))
+    failed = sum(v.status == "failed" for v in results.values())
+    if failed:
+        err.print(f"kyara: {failed} verdict(s) failed; run the same command again to retry "
+                  "them", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_summary(summaries: list[Any], judge: Any) -> None:
+    table = Table(title=escape(f"judge {judge.name} ({judge.model}) · persona {judge.persona.id}"),
+                  header_style="bold")
+    table.add_column("criterion", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("weighted", justify="right")
+    for score in range(1, 8):
+        table.add_column(str(score), justify="right")
+    table.add_column("invalid", justify="right")
+    table.add_column("failed", justify="right")
+    for s in summaries:
+        table.add_row(
+            escape(s.criterion), str(s.ok),
+            f"{s.mean:.2f}" if s.mean is not None else "-",
+            f"{s.weighted_mean:.2f}" if s.weighted_mean is not None else "-",
+            *[str(s.distribution[k]) for k in range(1, 8)],
+            str(s.invalid),
+            str(s.failed) + (f" ({escape(', '.join(f'{k} {n}' for k, n in s.failures.items()))})"
+                             if s.failures else ""),
+        )
+    out.print(table)
+
+
+@judge_app.command("calibrate")
+def calibrate_command(
+    persona: Optional[str] = typer.Option(None, "--persona", "-p", help="persona name"),
+    judge: Optional[str] = typer.Option(None, "--judge", "-j", help="configs/judges/<name>.yaml"),
+    criterion: str = typer.Option("personality", "--criterion", "-c",
+                                  help="the criterion the rows are labelled for"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Agreement of the judge with the persona's human labels.
+
+    Scores the calibration rows (anchors drawn from the other rows), prints Spearman's
+    rho, exact and within-one accuracy, MAE and a confusion table, and saves them for the
+    console to show."""
+    from pipelines.judge import Judge, calibrate, save_calibration
+    from pipelines.judge.calibrate import calibration_rows
+    from pipelines.workspace import Workspace
+
+    try:
+        ws = Workspace.load(configs)
+        j = Judge.open(ws, judge, persona, criteria=[criterion])
+        rows = calibration_rows(j.data.calibration, criterion)
+        progress = _progress(len(rows), f"calibrate {j.name} · {criterion}")
+        task_id = progress.task_ids[0]
+        with progress:
+            report, pairs = _run(j, calibrate(j, criterion, on_verdict=lambda *_: progress.advance(task_id)))
+        path = save_calibration(ws.settings.home_path(), report)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    _print_calibration(report)
+    err.print(f"saved to {escape(str(path))}", soft_wrap=True)
+    if j.fatal is not None:
+        _fail(str(j.fatal))
+
+
+def _print_calibration(report: Any) -> None:
+    a = report.agreement
+
+    def pct(x: float | None) -> str:
+        return f"{x:.1%}" if x is not None else "-"
+
+    def num(x: float | None) -> str:
+        return f"{x:.3f}" if x is not None else "-"
+
+    out.print(escape(f"judge {report.judge} ({report.model}) · persona {report.persona} · "
+                     f"{report.criterion} ({report.prompt_version}) · {report.date}"), soft_wrap=True)
+    figures = Table(show_header=False, box=None)
+    figures.add_column("figure")
+    figures.add_column("value", justify="right")
+    figures.add_row("rows", f"{a.n} ({a.scored} scored, {a.invalid} invalid, {a.failed} failed)")
+    figures.add_row("Spearman ρ", num(a.spearman) + (f"  (p={a.spearman_p:.2g})"
+                                                      if a.spearman_p is not None else ""))
+    figures.add_row("Spearman ρ, weighted", num(a.spearman_weighted))
+    figures.add_row("exact", pct(a.exact))
+    figures.add_row("within ±1", pct(a.within_one))
+    figures.add_row("mean absolute error", num(a.mae))
+    out.print(figures)
+    confusion = Table(title="human (rows) × judge (columns)", header_style="bold")
+    confusion.add_column("")
+    for score in range(1, 8):
+        confusion.add_column(str(score), justify="right")
+    for human in range(1, 8):
+        confusion.add_row(str(human), *[str(n) if n else "·" for n in a.confusion[human - 1]])
+    out.print(confusion)

@@ -1,0 +1,363 @@
+"""The Judge: scores interactions on criteria, concurrently, with retries, a cache, and
+every verdict persisted in the store's `judgments` table.
+
+- Concurrency: an asyncio semaphore of `concurrency` slots, held only while a request is
+  in flight (not while backing off), so the bound is on what the provider sees.
+- Retries: on 429, 5xx, timeouts, connection errors, malformed or empty answers; the
+  wait doubles from `backoff_s` with jitter (0.5-1x, so a burst of 429s does not come back
+  in step), or is the server's Retry-After, capped at `retry_after_cap_s`. 400/401/403/404
+  are not retried; 401/403/404 (and a local model that will not load) stop the judge: the
+  items still waiting fail at once with the same one-line message, without a request.
+- Cache: judgments.cache_key (see verdict.cache_key). An `ok` or `invalid` verdict is
+  never requested again; a `failed` one is, on the next run. The same words under another
+  message id get a copy of the verdict, not a request.
+- Persistence: verdicts are upserted in small batches (every `flush_s`) from a worker
+  thread, so the event loop never waits on the disk; a row's id is derived from
+  (cache_key, message_id), so a retried item replaces its failed row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Criterion, JudgeConfig, load_yaml
+from pipelines.judge.parse import parse_score, reasoning_of, weighted_score
+from pipelines.judge.prompt import (
+    build_prompt,
+    check_template,
+    format_profile,
+    format_speech_rules,
+    select_anchors,
+)
+from pipelines.judge.providers import Completion, Provider, ProviderError, make_provider
+from pipelines.judge.verdict import (
+    NO_SCORE,
+    Interaction,
+    JudgeError,
+    Verdict,
+    cache_key,
+    digest_text,
+)
+from pipelines.workspace import PersonaData, Workspace
+
+log = logging.getLogger("kyara.judge")
+_ROW_NAMESPACE = uuid.UUID("6b1f0c8e-5a51-4b0e-9a55-6a7e1d2c3b4a")
+_IN_CHUNK = 200  # cache keys per store query
+
+
+def row_id(cache_key: str, message_id: str) -> str:
+    return str(uuid.uuid5(_ROW_NAMESPACE, f"{cache_key}\x1f{message_id}"))
+
+
+def load_criteria(ws: Workspace, names: Iterable[str]) -> dict[str, Criterion]:
+    files = ws.criterion_files()
+    out: dict[str, Criterion] = {}
+    for name in names:
+        if name not in files:
+            raise JudgeError(f"unknown criterion {name!r} (known: {', '.join(files) or 'none'})")
+        criterion = load_yaml(files[name], Criterion)
+        check_template(criterion)
+        out[name] = criterion
+    return out
+
+
+class _Writer:
+    """Batches judgments rows and upserts them from a worker thread."""
+
+    def __init__(self, store: Any, interval_s: float) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self._pending: list[dict[str, Any]] = []
+        self._drain: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._lock, self._drain = loop, asyncio.Lock(), None
+
+    def put(self, row: dict[str, Any]) -> None:
+        self._bind()
+        self._pending.append(row)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_task(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.interval_s)
+        try:
+            await self.flush()
+        except Exception as exc:  # kept for the next flush() to raise in the caller
+            self.error = exc
+
+    async def flush(self) -> None:
+        self._bind()
+        assert self._lock is not None
+        async with self._lock:
+            rows, self._pending = self._pending, []
+            if rows:
+                await asyncio.to_thread(self.store.upsert, "judgments", rows)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+class Judge:
+    """Scores interactions of one persona with one judge config.
+
+        judge = Judge.open(ws, "gpt-4o-mini", persona="ayane")
+        verdict = await judge.score(Interaction.from_pair(q, a, id=msg_id), "personality")
+        await judge.aclose()
+    """
+
+    def __init__(self, config: JudgeConfig, criteria: Mapping[str, Criterion],
+                 data: PersonaData, *, store: Any = None, provider: Provider | None = None,
+                 home: Path | None = None, backoff_s: float = 0.5, backoff_cap_s: float = 20.0,
+                 retry_after_cap_s: float = 60.0, flush_s: float = 0.2) -> None:
+        self.config = config
+        self.criteria = dict(criteria)
+        self.data = data
+        self.persona = data.persona
+        self.store = store
+        self.home = home
+        self.provider = provider or make_provider(config, home=home)
+        self.backoff_s = backoff_s
+        self.backoff_cap_s = backoff_cap_s
+        self.retry_after_cap_s = retry_after_cap_s
+        self.requests = 0                 # requests sent (attempts), for benches and tests
+        self.fatal: ProviderError | None = None
+        self._writer = _Writer(store, flush_s) if store is not None else None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._semaphore_loop: asyncio.AbstractEventLoop | None = None
+        # Verdicts of this session, ok/invalid: cache_key -> message_id -> verdict. The
+        # store has them too, but the console asks again for a reply it just judged.
+        self._memory: dict[str, dict[str, Verdict]] = {}
+        self._contexts = {name: self._context_digest(c) for name, c in self.criteria.items()}
+
+    @classmethod
+    def open(cls, ws: Workspace, judge: str | None = None, persona: str | None = None, *,
+             criteria: Sequence[str] | None = None, store: Any = True, **options: Any) -> Judge:
+        """A judge from the configs: `store=True` opens the workspace's store, None keeps
+        verdicts in memory only, or pass an open Store."""
+        config = ws.judge(judge)
+        data = ws.persona_data(persona)
+        loaded = load_criteria(ws, criteria or config.criteria)
+        if store is True:
+            from store import Store
+
+            store = Store.open(ws.settings.store_path())
+        return cls(config, loaded, data, store=store or None, home=ws.settings.home_path(),
+                   **options)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    def calibration(self, criterion: str) -> Any:
+        """What the console shows beside a live score: a CalibrationStatus ("calibrated"
+        with rho, "stale" after a prompt or model change, or "uncalibrated")."""
+        from pipelines.judge.calibrate import calibration_status
+
+        c = self.criterion(criterion)
+        return calibration_status(self.home or ".", self.name, self.persona.id, c.name,
+                                  c.prompt_version, self.model)
+
+    # --- keys and prompts ----------------------------------------------------------------
+
+    def _context_digest(self, criterion: Criterion) -> str:
+        return digest_text(criterion.template, format_profile(self.persona),
+                           format_speech_rules(self.persona.speech), self.config.few_shot,
+                           self.config.seed)
+
+    def criterion(self, name: str) -> Criterion:
+        if name not in self.criteria:
+            raise JudgeError(f"judge {self.name}: criterion {name!r} is not loaded "
+                             f"(loaded: {', '.join(self.criteria)})")
+        return self.criteria[name]
+
+    def key(self, interaction: Interaction, criterion: str) -> str:
+        c = self.criterion(criterion)
+        return cache_key(persona=self.persona.id, interaction=interaction, criterion=c.name,
+                         judge_model=self.model, prompt_version=c.prompt_version,
+                         context=self._contexts[c.name])
+
+    def prompt(self, interaction: Interaction, criterion: str):
+        """The prompt as it would be sent (fresh delimiters each call)."""
+        c = self.criterion(criterion)
+        anchors = select_anchors(self.data.calibration, c.name, interaction,
+                                 self.config.few_shot, self.config.seed)
+        return build_prompt(c, self.persona, interaction, anchors)
+
+    # --- the cache -----------------------------------------------------------------------
+
+    async def cached(self, pairs: Sequence[tuple[Interaction, str]]
+                     ) -> dict[tuple[str, str], Verdict]:
+        """Stored ok/invalid verdicts for (interaction, criterion) pairs, by (item id,
+        criterion). A verdict found under another message id is copied to this one."""
+        wanted: dict[str, list[tuple[Interaction, str]]] = {}
+        for interaction, criterion in pairs:
+            wanted.setdefault(self.key(interaction, criterion), []).append((interaction, criterion))
+        found: dict[str, list[dict[str, Any]]] = {}
+        for key in wanted:
+            for message_id, verdict in self._memory.get(key, {}).items():
+                found.setdefault(key, []).append(verdict.to_row(row_id(key, message_id)))
+        missing = [k for k in wanted if k not in found]
+        if self.store is not None and missing:
+            for row in await asyncio.to_thread(self._stored_rows, missing):
+                found.setdefault(row["cache_key"], []).append(row)
+        out: dict[tuple[str, str], Verdict] = {}
+        for key, rows in found.items():
+            for interaction, criterion in wanted[key]:
+                message_id = interaction.id or ""
+                mine = next((r for r in rows if (r["message_id"] or "") == message_id), None)
+                verdict = Verdict.from_row(mine or rows[0])
+                if mine is None:  # same words, another message: a copy, not a request
+                    verdict.message_id = message_id or None
+                    self._persist(verdict)
+                out[(message_id, criterion)] = verdict
+        return out
+
+    def _stored_rows(self, keys: list[str]) -> list[dict[str, Any]]:
+        from store import quote_list
+
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start:start + _IN_CHUNK]
+            rows += self.store.rows(
+                "judgments", where=f"cache_key IN {quote_list(chunk)} AND status != 'failed'")
+        return rows
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def _slots(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._semaphore_loop is not loop:
+            self._semaphore = asyncio.Semaphore(self.config.concurrency)
+            self._semaphore_loop = loop
+        return self._semaphore
+
+    async def score(self, interaction: Interaction, criterion: str, *,
+                    message_id: str | None = None, use_cache: bool = True) -> Verdict:
+        """One criterion's verdict on one interaction. Never raises for a provider failure:
+        that is a `failed` verdict (JudgeError only for a criterion that is not loaded)."""
+        if message_id is not None and message_id != interaction.id:
+            interaction = Interaction(interaction.messages, message_id)
+        if use_cache:
+            hit = (await self.cached([(interaction, criterion)])).get((interaction.id or "", criterion))
+            if hit is not None:
+                return hit
+        verdict = await self._judge(interaction, criterion)
+        self._persist(verdict)
+        return verdict
+
+    async def score_items(self, interactions: Sequence[Interaction], criteria: Sequence[str], *,
+                          on_verdict: Callable[[Interaction, Verdict], Any] | None = None
+                          ) -> dict[tuple[str, str], Verdict]:
+        """Every interaction on every criterion; the stored ones come from the cache in one
+        query. `on_verdict(interaction, verdict)` is called as each one is known (cached
+        ones first). Items need distinct ids. Returns {(item id, criterion): verdict}."""
+        pairs = [(i, c) for i in interactions for c in criteria]
+        results = await self.cached(pairs)
+        for interaction, criterion in pairs:
+            hit = results.get((interaction.id or "", criterion))
+            if hit is not None and on_verdict is not None:
+                on_verdict(interaction, hit)
+
+        async def one(interaction: Interaction, criterion: str) -> None:
+            verdict = await self._judge(interaction, criterion)
+            self._persist(verdict)
+            results[(interaction.id or "", criterion)] = verdict
+            if on_verdict is not None:
+                on_verdict(interaction, verdict)
+
+        todo = [one(i, c) for i, c in pairs if (i.id or "", c) not in results]
+        await asyncio.gather(*todo)
+        return results
+
+    async def _judge(self, interaction: Interaction, criterion: str) -> Verdict:
+        c = self.criterion(criterion)
+        base = {"criterion": c.name, "judge_model": self.model, "prompt_version": c.prompt_version,
+                "cache_key": self.key(interaction, criterion), "message_id": interaction.id}
+        started = time.perf_counter()
+        attempts = 0
+        while True:
+            if self.fatal is not None:
+                return Verdict(status="failed", error_kind=self.fatal.kind, error=str(self.fatal),
+                               attempts=attempts, latency_ms=_ms(started), **base)
+            prompt = self.prompt(interaction, criterion)  # fresh delimiters per request
+            try:
+                async with self._slots():
+                    if self.fatal is not None:  # it stopped while this one waited for a slot
+                        continue
+                    attempts += 1
+                    self.requests += 1
+                    completion = await self.provider.complete(prompt.text)
+            except ProviderError as exc:
+                if exc.fatal:
+                    self.fatal = self.fatal or exc
+                last = attempts > self.config.max_retries
+                if not exc.retryable or last:
+                    log.info("%s", exc)
+                    return Verdict(status="failed", error_kind=exc.kind, error=str(exc),
+                                   attempts=attempts, latency_ms=_ms(started), **base)
+                delay = self._delay(attempts, exc.retry_after)
+                log.info("%s; attempt %d, again in %.2f s", exc, attempts, delay)
+                await asyncio.sleep(delay)
+                continue
+            return self._verdict(completion, attempts, started, base)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_cap_s)
+        ceiling = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _verdict(self, completion: Completion, attempts: int, started: float,
+                 base: dict[str, Any]) -> Verdict:
+        text = completion.text
+        parsed = parse_score(text)
+        common = {"raw_text": text, "tokens": completion.tokens, "attempts": attempts,
+                  "latency_ms": _ms(started), **base}
+        if parsed is None:
+            return Verdict(status="invalid", error_kind=NO_SCORE, **common)
+        return Verdict(status="ok", score=parsed.score,
+                       weighted_score=weighted_score(text, parsed, completion.logprobs),
+                       reasoning=reasoning_of(text, parsed), **common)
+
+    def _persist(self, verdict: Verdict) -> None:
+        message_id = verdict.message_id or ""
+        if verdict.cache_key is None:
+            return
+        if verdict.status == "failed" and verdict.attempts == 0:
+            return  # nothing was asked (the judge had stopped): nothing to record
+        if verdict.status != "failed":
+            self._memory.setdefault(verdict.cache_key, {})[message_id] = verdict
+        if self._writer is not None:
+            self._writer.put(verdict.to_row(row_id(verdict.cache_key, message_id)))
+
+    async def flush(self) -> None:
+        """Write the verdicts still waiting for the store; raises a StoreError if one failed."""
+        if self._writer is not None:
+            await self._writer.flush()
+
+    async def aclose(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            await self.provider.aclose()
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
