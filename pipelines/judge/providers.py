@@ -50,7 +50,6 @@ log = logging.getLogger("kyara.judge")
 
 NO_KEY = "sk-no-key-required"  # local servers ignore the key, but the client wants one
 TOP_LOGPROBS = 20               # OpenAI's maximum
-MAX_TOKENS = 2048               # four reasoning steps in Japanese, with room to spare
 
 
 @dataclass
@@ -145,7 +144,7 @@ class OpenAIProvider:
             "seed": self.config.seed,
         }
         # OpenAI's own API renamed max_tokens; compatible servers know the old name best.
-        params["max_completion_tokens" if self.config.base_url is None else "max_tokens"] = MAX_TOKENS
+        params["max_completion_tokens" if self.config.base_url is None else "max_tokens"] = self.config.max_tokens
         if self._logprobs:
             params.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         return params
