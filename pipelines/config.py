@@ -407,6 +407,8 @@ class JudgeConfig(Strict):
     max_retries: int = Field(5, ge=0)
     temperature: float = Field(0.0, ge=0)
     logprobs: bool = True
+    max_tokens: int = Field(2048, gt=0, description="answer budget: four reasoning steps "
+                            "in Japanese need ~600-1200 tokens")
 
 
 class Criterion(Strict):
