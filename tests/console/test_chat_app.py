@@ -342,3 +342,54 @@ async def test_command_palette_switches_variant(ws, store, tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         assert app.session.variant.name == "gemma-2-2b-jpn-it"
+
+
+async def test_keymap_from_settings_remaps_keys(ws, store, tmp_path):
+    session = ChatSession(store=store, persona=ws.persona("ayane"),
+                          variant=ws.variant("gemma3-270m"), backend=ScriptedBackend(),
+                          retriever=object())
+    app = KyaraApp(session, variants={}, backend_loader=None, export_dir=tmp_path,
+                   keymap={"toggle_rag": "ctrl+b"})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+r")
+        assert session.rag is False  # the old key no longer toggles
+        await pilot.press("ctrl+b")
+        assert session.rag is True
+
+
+async def test_side_panel_shows_facts_and_reasoning_of_the_selected_reply(ws, store, tmp_path):
+    from pipelines.retrieval import Hit
+
+    hits = [Hit(fact_id="k027", text="絢音の愛犬は[bold]レオ[/bold]である。", topic="pets",
+                score=0.03, text_rank=1, vector_rank=1)]
+
+    class Facts:
+        def search(self, query, k=None):
+            return hits
+
+    session = ChatSession(store=store, persona=ws.persona("ayane"),
+                          variant=ws.variant("gemma3-270m"),
+                          backend=ScriptedBackend([["レオですわ。"], ["はい。"]]),
+                          retriever=Facts(), rag=True)
+    app = KyaraApp(session, variants={}, backend_loader=None, judge=ScriptedJudge(),
+                   export_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(pilot, "犬の名前は？")
+        await wait_idle(pilot, app)
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if len(app.exchanges[0].badges.verdicts) == 2:
+                break
+        app.session.rag = False
+        await type_and_send(pilot, "ありがとう")
+        await wait_idle(pilot, app)
+        app.exchanges[0].focus()  # select the first reply
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        side = str(app.query_one("#side-text").render())
+        assert "k027" in side and "[bold]レオ[/bold]" in side  # shown literally
+        assert "personality: ok 6" in side and "[bold]丁寧[/bold]な口調。" in side
+        app.exchanges[1].focus()
+        await pilot.pause()
+        side = str(app.query_one("#side-text").render())
+        assert "none: retrieval off" in side
