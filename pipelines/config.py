@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -145,20 +146,23 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
     return validate(read_yaml(path), model, str(path))
 
 
-def load_jsonl(path: str | Path, model: type[M]) -> list[M]:
-    """Read a JSON Lines file, one `model` per non-blank line; errors name file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "file:line", parsed value) for each non-blank line of a JSON Lines
+    file; a line that is not JSON is a ConfigError naming the file and line."""
     path = Path(path)
-    rows: list[M] = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         source = f"{path}:{number}"
         try:
-            data = json.loads(line)
+            yield number, source, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        rows.append(validate(data, model, source))
-    return rows
+
+
+def load_jsonl(path: str | Path, model: type[M]) -> list[M]:
+    """Read a JSON Lines file, one `model` per non-blank line; errors name file and line."""
+    return [validate(data, model, source) for _, source, data in iter_jsonl(path)]
 
 
 # --------------------------------------------------------------------------------------

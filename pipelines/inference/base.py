@@ -56,6 +56,20 @@ class Delta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def final_delta(reason: str, stop_token: str | None, error: str | None, prompt_tokens: int,
+                tokens: Sequence[int], started: float, first: float | None,
+                ended: float) -> Delta:
+    """The last Delta of a stream, the same for every local backend. Decode speed is the
+    tokens after the first over the time after the first: the first token's time is prompt
+    processing, reported as time to first token."""
+    rate = ((len(tokens) - 1) / (ended - first)
+            if first and len(tokens) > 1 and ended > first else None)
+    return Delta(done=True, stop_reason=reason, stop_token=stop_token,
+                 prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
+                 ttft_s=(first - started) if first else None, tokens_per_s=rate, error=error,
+                 extra={"token_ids": list(tokens)})
+
+
 @runtime_checkable
 class ChatBackend(Protocol):
     name: str

@@ -22,7 +22,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipelines.config import GGUFVariant
-from pipelines.inference.base import BackendError, Delta, GenerationOptions, Message
+from pipelines.inference.base import (
+    BackendError,
+    Delta,
+    GenerationOptions,
+    Message,
+    final_delta,
+)
 from pipelines.inference.embedded import ensure_embedded
 from pipelines.inference.registry import GenerationLock, render_for_model, resolve_path
 from pipelines.prompting import resolve_template
@@ -193,7 +199,8 @@ class GGUFBackend:
                 if tail:
                     yield Delta(text=tail)
             except GeneratorExit:
-                self.last = self._final("cancel", None, None, prompt, tokens, started, first)
+                self.last = final_delta("cancel", None, None, len(prompt), tokens, started,
+                                        first, time.perf_counter())
                 raise
             except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures
                 message = "generation failed: " + (" ".join(str(exc).split()) or type(exc).__name__)
@@ -202,38 +209,9 @@ class GGUFBackend:
                 stop_reason, error = "error", message
             finally:
                 steps.close()
-            self.last = self._final(stop_reason, stop_token, error, prompt, tokens, started, first)
+            self.last = final_delta(stop_reason, stop_token, error, len(prompt), tokens, started,
+                                    first, time.perf_counter())
             yield self.last
-
-    def _final(
-        self,
-        reason: str,
-        stop_token: str | None,
-        error: str | None,
-        prompt: list[int],
-        tokens: list[int],
-        started: float,
-        first: float | None,
-    ) -> Delta:
-        ended = time.perf_counter()
-        # Decode speed: tokens after the first over the time after the first (the first
-        # token's time is prompt processing, reported as ttft).
-        rate = (
-            (len(tokens) - 1) / (ended - first)
-            if first and len(tokens) > 1 and ended > first
-            else None
-        )
-        return Delta(
-            done=True,
-            stop_reason=reason,
-            stop_token=stop_token,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(tokens),
-            ttft_s=(first - started) if first else None,
-            tokens_per_s=rate,
-            error=error,
-            extra={"token_ids": list(tokens)},
-        )
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

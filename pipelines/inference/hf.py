@@ -39,7 +39,13 @@ from transformers import (
 )
 
 from pipelines.config import HFVariant
-from pipelines.inference.base import BackendError, Delta, GenerationOptions, Message
+from pipelines.inference.base import (
+    BackendError,
+    Delta,
+    GenerationOptions,
+    Message,
+    final_delta,
+)
 from pipelines.inference.registry import (
     GenerationLock,
     looks_like_hub_id,
@@ -420,21 +426,8 @@ class HFBackend:
                 reason, stop_token = "eos", self.eos_ids[out[-1]]
             else:
                 reason = "length"
-        first = watch.first
-        rate = (
-            (len(out) - 1) / (ended - first) if first and len(out) > 1 and ended > first else None
-        )
-        return Delta(
-            done=True,
-            stop_reason=reason,
-            stop_token=stop_token,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(out),
-            ttft_s=(first - started) if first else None,
-            tokens_per_s=rate,
-            error=error,
-            extra={"token_ids": out},
-        )
+        return final_delta(reason, stop_token, error, len(prompt), out, started, watch.first,
+                           ended)
 
     def close(self) -> None:
         entry, self._entry = getattr(self, "_entry", None), None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError, read_text
+from pipelines.config import ConfigError, iter_jsonl
 from pipelines.judge.verdict import Interaction, JudgeError, Verdict
 
 OUT_FIELDS = ("status", "score", "weighted_score", "reasoning", "raw_text", "error_kind", "error",
@@ -39,14 +39,7 @@ def load_items(path: str | Path) -> list[Item]:
     path = Path(path)
     items: list[Item] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    for number, where, row in iter_jsonl(path):
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected an object, found {type(row).__name__}")
         interaction = _interaction(row, where)
