@@ -15,6 +15,10 @@ EXTRAS      ?= demo,dev
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP       := $(VENV)/.kyara-installed-$(PYPROJECT_HASH)
 PYTEST_ARGS ?=
+# CI (CI=true, as .ci/run is started) runs the slow tests too; at a desk `make test` stays fast.
+ifeq ($(CI),true)
+PYTEST_MARK := -m "not gpu"
+endif
 
 .PHONY: chat test test-slow test-all venv doctor lint clean-venv
 
@@ -39,7 +43,7 @@ chat: $(STAMP)
 	$(BIN)/kyara chat
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_MARK) $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
