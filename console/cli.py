@@ -214,9 +214,15 @@ def ask(
               soft_wrap=True)
 
 
+from console.data_cli import data_app  # noqa: E402  (the `kyara data` commands)
 from console.judge_cli import judge_app  # noqa: E402  (the `kyara judge` commands)
 
 app.add_typer(judge_app, name="judge")
+app.add_typer(data_app, name="data")
+
+from console.plan_cli import plan  # noqa: E402  (`kyara plan JOB.yaml`)
+
+app.command("plan")(plan)
 
 
 def main() -> None:

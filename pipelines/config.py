@@ -454,6 +454,24 @@ class TrainJob(Strict):
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     save_steps: int = Field(50, gt=0)
     seed: int = 0
+    # --- added with the fine-tuning pipeline (issue 6) ---
+    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
+                                description="name of the trained variant; default: the job name")
+    dequantize_from: str | None = Field(
+        None, description="a gguf variant (embedded) whose file is dequantised into the base "
+                          "variant's model directory when that directory does not exist yet")
+    system_prompt: bool = Field(True, description="prepend the persona's system prompt to "
+                                                  "conversations without one, as chat does")
+    prep: bool = Field(True, description="run data preparation (NFC, 。, newlines, de-dup)")
+    max_reply_chars: int = Field(120, gt=0, description="data prep: drop longer replies")
+    gradient_checkpointing: bool = Field(False, description="GPU only; always off on CPU")
+    logging_steps: int = Field(5, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    check_memory: bool = True
+    eval_questions: int | None = Field(None, ge=0, description="mini-evaluation: how many of "
+                                       "the persona's eval questions (default all; 0 = skip)")
+    eval_max_new_tokens: int = Field(48, gt=0)
+    judge: str | None = Field(None, description="a judge for the mini-evaluation, if reachable")
 
 
 class CurateJob(Strict):

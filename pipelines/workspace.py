@@ -90,7 +90,12 @@ class Workspace:
         return sorted(p.parent.name for p in base.glob("*/persona.yaml")) if base.is_dir() else []
 
     def variant_files(self) -> dict[str, Path]:
-        return _yaml_files(self.configs / "models")
+        """configs/models/*.yaml, then the variants that jobs wrote into <home>/models/
+        (trained adapters); a configs/ file of the same name wins: it is the user's own."""
+        files = _yaml_files(self.configs / "models")
+        for name, path in _yaml_files(self.settings.home_path() / "models").items():
+            files.setdefault(name, path)
+        return files
 
     def judge_files(self) -> dict[str, Path]:
         return _yaml_files(self.configs / "judges")
@@ -141,7 +146,7 @@ class Workspace:
         if name not in files:
             known = ", ".join(files) or "none"
             raise ConfigError(f"model variant '{name}' not found in {self.configs / 'models'} "
-                              f"(known: {known})")
+                              f"or {self.settings.home_path() / 'models'} (known: {known})")
         variant = load_variant(files[name])
         if variant.name != name:
             raise ConfigError(f"{files[name]}: name: expected '{name}' (the file name), "

@@ -31,6 +31,9 @@ from pipelines.events import Event
 # are known to the config but not implemented yet.
 JOBS: dict[str, str] = {
     "index": "pipelines.jobs.index",
+    "merge": "pipelines.jobs.merge",
+    "train": "pipelines.jobs.train",
+    "curate": "pipelines.jobs.curate",
 }
 ENV_MODULES = "KYARA_JOB_MODULES"
 

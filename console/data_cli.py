@@ -1,0 +1,99 @@
+"""`kyara data`: prepare a training file, and look at a training example token by token.
+Registered in console/cli.py with `app.add_typer(data_app, name="data")`.
+
+    kyara data prep IN.jsonl -o OUT.jsonl [--max-chars 120] [--min-chars 1]
+    kyara data inspect DATA.jsonl --variant gemma3-270m-hf [-n 1] [--index 1]
+
+File contents are untrusted text: printed escaped, never as markup. Heavy imports (the
+tokenizer, transformers) stay inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+data_app = typer.Typer(help="Prepare training data; inspect what the model is trained on.",
+                       no_args_is_help=True)
+
+ConfigsOption = typer.Option(
+    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"kyara: {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("prep")
+def prep(
+    source: Path = typer.Argument(..., help="conversations (JSON Lines with messages)"),
+    output: Path = typer.Option(..., "--output", "-o", help="where to write the prepared file"),
+    max_chars: int = typer.Option(120, help="drop conversations whose reply is longer"),
+    min_chars: int = typer.Option(1, help="drop conversations whose reply is shorter"),
+    final_mark: bool = typer.Option(True, help="add a final 。 where a reply lacks one"),
+    dedupe: bool = typer.Option(True, help="drop exact duplicate conversations"),
+) -> None:
+    """NFC, whitespace, line breaks, a final 。, de-duplication and a length filter; prints
+    a before/after report. The source file is never modified."""
+    from pipelines.config import ConfigError
+    from pipelines.data import PrepOptions, prepare_file
+
+    try:
+        report = prepare_file(source, output, PrepOptions(min_chars=min_chars, max_chars=max_chars,
+                                                          add_final_mark=final_mark,
+                                                          dedupe=dedupe))
+    except ConfigError as exc:
+        _fail(str(exc))
+    out.print(escape(report.text()), soft_wrap=True)
+    out.print(f"wrote {escape(str(output))}", soft_wrap=True)
+
+
+@data_app.command("inspect")
+def inspect(
+    data: Path = typer.Argument(..., help="conversations (JSON Lines with messages)"),
+    variant: str = typer.Option(..., "--variant", "-v", help="an hf model variant"),
+    count: int = typer.Option(1, "-n", help="how many examples to show"),
+    index: int = typer.Option(1, "--index", "-i", help="the first example to show (1-based)"),
+    persona: Optional[str] = typer.Option(None, "--persona", "-p", help="persona name"),
+    prep: bool = typer.Option(True, help="apply data preparation first, as the train job does"),
+    system: bool = typer.Option(True, help="add the persona's system prompt, as chat does"),
+    max_seq_len: Optional[int] = typer.Option(None, help="truncate like the train job"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Print training examples as the model sees them: one token a line, trained or
+    masked. Exit 1 when the label check would refuse to train on them."""
+    from pipelines.config import ConfigError
+    from pipelines.prompting import TemplateError
+    from pipelines.training.labels import inspect_file
+    from pipelines.workspace import Workspace
+
+    try:
+        shown = inspect_file(Workspace.load(configs), data, variant, persona=persona,
+                             start=index - 1, count=count, prep=prep, system_prompt=system,
+                             max_seq_len=max_seq_len)
+    except (ConfigError, TemplateError) as exc:
+        _fail(str(exc))
+    bad = 0
+    for example in shown:
+        title = f"example {example.index + 1}" + (f" ({example.id})" if example.id else "")
+        out.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
+        out.print(escape(example.text), soft_wrap=True)
+        out.print(escape(example.view), soft_wrap=True)
+        if example.problems:
+            bad += 1
+            for problem in example.problems:
+                err.print(f"[red]problem[/] {escape(problem)}", soft_wrap=True)
+        else:
+            out.print(f"[green]ok[/] the turn terminator {escape(example.terminator)} is "
+                      "trained; BOS once", soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)

@@ -1,0 +1,419 @@
+"""The `train` job: LoRA / QLoRA fine-tuning of an hf variant on a persona's dialogues.
+
+data prep -> base model files (dequantised from the packaged GGUF when asked) -> examples
+and label checks -> memory estimate -> TRL SFTTrainer (+ PEFT) in a worker thread, its
+progress as events -> adapter written whole -> variant registered -> mini-evaluation.
+
+Where things go (`output`, default `<home>/runs/<job name>/`):
+
+    data.prepared.jsonl   the conversations trained on (the source file is not touched)
+    checkpoints/          checkpoint-N/ every save_steps; resumed by the next run of this job
+    adapter/              the final LoRA adapter (written to a temporary folder, renamed)
+    config.yaml           the resolved job config, beside the adapter
+    eval.json             the mini-evaluation: figures and replies, base and trained
+    labels.txt            when the label check refuses the run: the token view
+
+Training runs in a thread because the trainer blocks and a job is a generator: the
+callback queues events and this generator yields them. A cancel (SIGTERM) stops the
+trainer at the end of its step, after a checkpoint, so the next run goes on from there.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import events as ev
+from pipelines.config import ConfigError, GGUFVariant, HFVariant, TrainJob
+from pipelines.data import PrepOptions, prepare, read_conversations, write_jsonl
+from pipelines.events import Event
+from pipelines.jobs import JobCancelled, JobContext
+
+_DONE = object()
+
+# Read when torch loads OpenMP, which this module does not do at import: threads that sleep
+# while they wait instead of spinning. On a CPU shared with anything else (the console's
+# llama.cpp chat, another job) spinning threads made steps ~10x slower here (2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def output_dir(cfg: TrainJob, home: Path) -> Path:
+    if cfg.output:
+        return Path(os.path.expandvars(cfg.output)).expanduser()
+    return Path(home) / "runs" / cfg.name
+
+
+def base_variant(ctx: JobContext, cfg: TrainJob) -> HFVariant:
+    variant = ctx.workspace.variant(cfg.base)
+    if not isinstance(variant, HFVariant):
+        raise ConfigError(f"base: variant '{cfg.base}' uses the {variant.backend} backend; "
+                          "training needs an hf variant (a transformers model folder)")
+    return variant
+
+
+def ensure_base_files(ctx: JobContext, cfg: TrainJob, base: HFVariant) -> tuple[Path | str, str | None]:
+    """The base model's folder (or hub id), and a note when it was dequantised now."""
+    from pipelines.inference.registry import looks_like_hub_id, resolve_path
+
+    path = resolve_path(base.model, ctx.home)
+    if path.exists():
+        return path, None
+    if cfg.dequantize_from:
+        source = ctx.workspace.variant(cfg.dequantize_from)
+        if not isinstance(source, GGUFVariant):
+            raise ConfigError(f"dequantize_from: variant '{cfg.dequantize_from}' is not a gguf "
+                              "variant")
+        if source.embedded:
+            from pipelines.inference.embedded import ensure_embedded
+
+            gguf = ensure_embedded(source.embedded, ctx.home)
+        else:
+            gguf = resolve_path(source.path or "", ctx.home)
+        from pipelines.training.dequantize import dequantize_gguf
+
+        dequantize_gguf(gguf, path)
+        return path, f"dequantised {gguf.name} into {path} (once; later runs reuse it)"
+    if looks_like_hub_id(base.model):
+        return base.model, None
+    raise ConfigError(f"base: the model folder of variant '{cfg.base}' does not exist: {path}")
+
+
+def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = round(n * fraction) if fraction > 0 else 0
+    if fraction > 0 and n >= 4:
+        held = max(1, held)
+    held = min(held, n - 1)
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def _dtype_bytes(cuda: bool) -> int:
+    return 2 if cuda else 4
+
+
+def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
+    started = time.perf_counter()
+    name = cfg.variant or cfg.name
+    yield ev.start("train", cfg.name, f"persona {cfg.persona}, base {cfg.base} -> {name}")
+    persona = ctx.workspace.persona(cfg.persona)
+    base = base_variant(ctx, cfg)
+    out = output_dir(cfg, ctx.home)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data --------------------------------------------------------------------------
+    yield ev.stage("data", "reading and preparing the conversations")
+    source = Path(cfg.data) if cfg.data else ctx.workspace.persona_dir(cfg.persona) / "dialogues.jsonl"
+    rows = read_conversations(source)
+    summary: dict[str, Any] = {"variant": name, "output": str(out), "source": str(source)}
+    if cfg.prep:
+        rows, report = prepare(rows, PrepOptions(max_chars=cfg.max_reply_chars))
+        if not rows:
+            raise ConfigError(f"{source}: no conversation is left after preparation")
+        yield ev.log("data preparation:\n" + report.text())
+        yield ev.metric("conversations", report.after.conversations, stage="data")
+        yield ev.metric("ending_maru", report.after.ending_maru, stage="data")
+        summary["prep"] = report.to_dict()
+    write_jsonl(out / "data.prepared.jsonl", rows)
+    ctx.check_cancelled()
+
+    # --- model files and examples --------------------------------------------------------
+    yield ev.stage("model", f"base {cfg.base}")
+    model_source, note = ensure_base_files(ctx, cfg, base)
+    if note:
+        yield ev.log(note)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipelines.training.examples import (
+        chat_template_for,
+        check_labels,
+        label_view,
+        require_good_labels,
+        terminator,
+        tokenize,
+        with_system,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source)
+    model_config = AutoConfig.from_pretrained(model_source)
+    template = chat_template_for(tokenizer, model_config.model_type)
+    end_text, end_id = terminator(tokenizer, template)
+    system = persona.prompts.system if cfg.system_prompt else None
+    examples = [tokenize(tokenizer, template, with_system(r["messages"], system), cfg.max_seq_len,
+                         end_text)
+                for r in rows]
+    for index, example in enumerate(examples):
+        problems = check_labels(tokenizer, example.input_ids, example.labels, end_id)
+        if problems:
+            view = label_view(tokenizer, example.input_ids, example.labels)
+            (out / "labels.txt").write_text(view + "\n", encoding="utf-8")
+            yield ev.log(f"example {index} as the model sees it (also in {out / 'labels.txt'}):\n"
+                         + view, level="error")
+            require_good_labels(tokenizer, example.input_ids, example.labels, end_id,
+                                where=f"example {index} ({rows[index].get('id', index)}): ")
+    train_idx, eval_idx = split(len(examples), cfg.eval_fraction, cfg.seed)
+    yield ev.log(f"{len(train_idx)} training and {len(eval_idx)} eval examples; the turn "
+                 f"terminator {end_text} is trained in every one")
+    ctx.check_cancelled()
+
+    # --- memory --------------------------------------------------------------------------
+    from pipelines.training.memory import (
+        GiB,
+        ModelShape,
+        detect_device,
+        estimate,
+        fits,
+        suggestion,
+    )
+
+    yield ev.stage("memory", "estimating what the run needs")
+    device = detect_device()
+    cuda = device.kind == "cuda"
+    if cfg.qlora and not cuda:
+        raise ConfigError("qlora: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU and none is "
+                          "visible; set qlora: false to train LoRA on the CPU")
+    if cfg.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("qlora: 4-bit QLoRA needs the bitsandbytes package: pip install "
+                              "'bitsandbytes>=0.46.1'") from None
+    shape = ModelShape.from_config(model_config)
+    longest = max(len(e.input_ids) for e in examples)
+    seq = min(cfg.max_seq_len, longest)
+    trained = max(sum(1 for x in e.labels if x != -100) for e in examples) * cfg.batch_size
+    est = estimate(shape, batch=cfg.batch_size, seq_len=seq, r=cfg.lora.r,
+                   dtype_bytes=_dtype_bytes(cuda), qlora=cfg.qlora, trained_tokens=trained,
+                   cuda=cuda)
+    yield ev.log(f"memory estimate: {est.describe()}; {device.name} has "
+                 f"{device.free / GiB:.1f} GiB free")
+    yield ev.metric("memory_estimate_gb", est.total / GiB, stage="memory")
+    summary["memory_estimate"] = est.to_dict()
+    if cfg.check_memory and not fits(est, device):
+        better = suggestion(shape, device, batch=cfg.batch_size, grad_accum=cfg.grad_accum,
+                            seq_len=seq, r=cfg.lora.r, dtype_bytes=_dtype_bytes(cuda),
+                            qlora=cfg.qlora)
+        raise ConfigError(
+            f"this run would not fit: it needs {est.describe()} and {device.name} has "
+            f"{device.free / GiB:.1f} GiB free; "
+            + (f"try {better}" if better else "no smaller setting fits either"))
+
+    # --- trainer -------------------------------------------------------------------------
+    yield ev.stage("load", "loading the base model")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from pipelines.training.trainer import EventCallback, KyaraSFTTrainer, prepare_checkpoints
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if model_config.model_type.startswith("gemma"):
+        kwargs["attn_implementation"] = "eager"  # Gemma 2's soft-capped attention needs it
+    elif base.attn_implementation:
+        kwargs["attn_implementation"] = base.attn_implementation
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    if cfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing and not cuda:
+        yield ev.log("gradient_checkpointing is ignored on the CPU (it makes a step ~10x "
+                     "slower there)", level="warning")
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    train_rows = [examples[i].as_row() for i in train_idx]
+    eval_rows = [examples[i].as_row() for i in eval_idx]
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=cfg.save_steps,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing and cuda,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.max_seq_len,
+        train_sampling_strategy="group_by_length",  # less padding: ~25% fewer tokens here
+        report_to="none",
+        disable_tqdm=True,
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    trainer = KyaraSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer, peft_config=lora)
+    # The last guard: the labels as the trainer's own collator hands them to the model.
+    probe = [trainer.train_dataset[i] for i in range(min(len(trainer.train_dataset), 4))]
+    batch = trainer.data_collator(probe)
+    for row in range(len(probe)):
+        problems = check_labels(tokenizer, batch["input_ids"][row].tolist(),
+                                batch["labels"][row].tolist(), end_id)
+        if problems:
+            view = label_view(tokenizer, batch["input_ids"][row].tolist(),
+                              batch["labels"][row].tolist())
+            (out / "labels.txt").write_text(view + "\n", encoding="utf-8")
+            yield ev.log("a collated example as the model sees it:\n" + view, level="error")
+            require_good_labels(tokenizer, batch["input_ids"][row].tolist(),
+                                batch["labels"][row].tolist(), end_id, where="collator: ")
+
+    fingerprint = {
+        "base": str(model_source), "data": _digest(train_rows), "eval": _digest(eval_rows),
+        "settings": cfg.model_dump(mode="json", include={
+            "lora", "qlora", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum",
+            "max_seq_len", "seed", "save_steps"}),
+    }
+    resume, notes = prepare_checkpoints(out / "checkpoints", fingerprint)
+    for message in notes:
+        yield ev.log(message, level="warning")
+    if resume is not None:
+        yield ev.log(f"resuming from {resume.name}")
+        summary["resumed_from"] = resume.name
+
+    # --- train ---------------------------------------------------------------------------
+    yield ev.stage("train", f"{len(train_rows)} examples, up to {cfg.epochs:g} epochs")
+    events: queue.Queue[Any] = queue.Queue()
+    callback = EventCallback(events.put, ctx.cancelled, partial(getattr, trainer, "tokens_seen"))
+    trainer.add_callback(callback)
+    failure: list[BaseException] = []
+    train_started = time.perf_counter()
+    thread = threading.Thread(target=_train, args=(trainer, resume, events, failure),
+                              name=f"kyara-train-{cfg.name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = events.get(timeout=0.5)
+            except queue.Empty:
+                ctx.check_cancelled()
+                continue
+            if item is _DONE:
+                break
+            yield item
+    finally:
+        if thread.is_alive():
+            ctx.cancel()  # the trainer saves a checkpoint at the end of this step and stops
+            thread.join(timeout=600)
+    if failure:
+        raise failure[0]
+    if ctx.cancelled():
+        raise JobCancelled()
+    train_seconds = time.perf_counter() - train_started
+    state = trainer.state
+    summary.update({
+        "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_s": round(trainer.tokens_seen / train_seconds, 1) if train_seconds else None,
+        "train_loss": callback.last_loss, "eval_loss": callback.last_eval,
+    })
+    if eval_rows and callback.last_eval_step != state.global_step:  # not twice for one step
+        metrics = trainer.evaluate()
+        if "eval_loss" in metrics:
+            summary["eval_loss"] = round(float(metrics["eval_loss"]), 4)
+            yield ev.metric("eval_loss", metrics["eval_loss"], step=state.global_step,
+                            stage="train")
+
+    # --- save and register ---------------------------------------------------------------
+    yield ev.stage("save", "writing the adapter")
+    adapter = out / "adapter"
+    tmp = out / f".adapter.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    _replace_dir(tmp, adapter)
+    (out / "config.yaml").write_text(
+        f"# resolved config of the run {ctx.run_id} that wrote {adapter.name}/\n"
+        + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
+        encoding="utf-8")
+    from pipelines.training.register import register, trained_variant, write_variant_yaml
+
+    variant = trained_variant(base, name, adapter, f"{cfg.base} + LoRA from job {cfg.name}")
+    variant_yaml = write_variant_yaml(variant, ctx.home,
+                                      f"written by the train job {cfg.name} (run {ctx.run_id})")
+    register(ctx.store, variant, base=cfg.base, run_id=ctx.run_id, yaml_path=variant_yaml)
+    yield ev.log(f"variant {name} registered: {variant_yaml}")
+    summary.update({"adapter": str(adapter), "variant_yaml": str(variant_yaml)})
+    del trainer, model, callback  # the callback holds the trainer (its token counter)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # --- mini-evaluation -------------------------------------------------------------------
+    data = ctx.workspace.persona_data(cfg.persona)
+    questions = data.eval if cfg.eval_questions is None else data.eval[:cfg.eval_questions]
+    if questions:
+        yield ev.stage("eval", f"{len(questions)} eval questions, base vs {name}")
+        from pipelines.training.mini_eval import run_mini_eval
+
+        report = run_mini_eval(ctx, cfg, persona, base.name, name, model_source, adapter,
+                               [q.question for q in questions], template, end_id, cuda)
+        (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                                       encoding="utf-8")
+        yield ev.log("mini-evaluation (greedy, max "
+                     f"{cfg.eval_max_new_tokens} new tokens):\n" + report["table"])
+        for key in ("ends_maru", "ojousama", "median_chars", "stop_eos"):
+            yield ev.metric(f"eval_{key}", report["after"][key], stage="eval")
+        summary["mini_eval"] = {k: report[k] for k in ("before", "after", "table")}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    yield ev.done(summary)
+
+
+def _train(trainer: Any, resume: Path | None, events: queue.Queue[Any],
+           failure: list[BaseException]) -> None:
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException as exc:  # re-raised by the job's own thread
+        failure.append(exc)
+    finally:
+        events.put(_DONE)
+
+
+def _digest(rows: list[dict[str, list[int]]]) -> str:
+    import hashlib
+
+    blob = json.dumps(rows, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """`target` becomes `new` by renames only: never a half-written adapter under its name."""
+    old = target.with_name(f".{target.name}.old.{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""The train job's mini-evaluation: load the base model and the adapter just written,
+answer the eval questions with and without it, measure, and judge when a judge is set and
+answers. Returns what the job stores: both sides' figures, the table, every reply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Persona, TrainJob
+from pipelines.prompting import build_messages, render_prompt
+from pipelines.training.evaluate import Figures, Reply, figures, generate, table
+
+
+def run_mini_eval(ctx: Any, cfg: TrainJob, persona: Persona, base_name: str, name: str,
+                  model_source: Path | str, adapter: Path, questions: list[str], template: str,
+                  end_id: int, cuda: bool) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.to("cuda" if cuda else "cpu").eval()
+    end_ids = _end_ids(model, tokenizer, end_id)
+    system = persona.prompts.system if cfg.system_prompt else None
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    prompts = [tokenizer(render_prompt(template, build_messages(system, [], q), bos_token=bos,
+                                       eos_token=eos), add_special_tokens=False)["input_ids"]
+               for q in questions]
+    with model.disable_adapter():
+        before_replies = generate(model, tokenizer, prompts, questions, end_ids,
+                                  cfg.eval_max_new_tokens)
+    after_replies = generate(model, tokenizer, prompts, questions, end_ids,
+                             cfg.eval_max_new_tokens)
+    before = figures(base_name, before_replies, persona.speech)
+    after = figures(name, after_replies, persona.speech)
+    del model
+    _judge(ctx, cfg, questions, before, before_replies, after, after_replies)
+    return {
+        "before": before.to_dict(), "after": after.to_dict(), "table": table(before, after),
+        "replies": [{"question": q, "base": asdict(b), "trained": asdict(a)}
+                    for q, b, a in zip(questions, before_replies, after_replies, strict=True)],
+    }
+
+
+def _end_ids(model: Any, tokenizer: Any, end_id: int) -> list[int]:
+    """Every id the hf backend stops on: the terminator, the tokenizer's EOS, the model's."""
+    ids = [end_id, tokenizer.eos_token_id]
+    declared = getattr(model.generation_config, "eos_token_id", None)
+    ids += declared if isinstance(declared, list) else [declared]
+    return [i for i in dict.fromkeys(ids) if isinstance(i, int) and i >= 0]
+
+
+def _judge(ctx: Any, cfg: TrainJob, questions: list[str], before: Figures,
+           before_replies: list[Reply], after: Figures, after_replies: list[Reply]) -> None:
+    """Mean personality score per side, or a note saying why there is none."""
+    if not cfg.judge:
+        after.notes.append("judge skipped: no judge set in the job (judge: NAME)")
+        return
+    import asyncio
+
+    try:
+        from pipelines.judge import Interaction, Judge, JudgeError
+
+        judge = Judge.open(ctx.workspace, cfg.judge, cfg.persona, criteria=["personality"],
+                           store=ctx.store)
+    except Exception as exc:  # no key, unknown judge: the evaluation still stands
+        after.notes.append(f"judge skipped: {' '.join(str(exc).split())[:200]}")
+        return
+
+    async def score(replies: list[Reply], tag: str) -> float | None:
+        items = [Interaction.from_pair(q, r.text or "…", id=f"{ctx.run_id}-{tag}-{i}")
+                 for i, (q, r) in enumerate(zip(questions, replies, strict=True))]
+        results = await judge.score_items(items, ["personality"])
+        scores = [v.score for v in results.values() if v.status == "ok" and v.score is not None]
+        return sum(scores) / len(scores) if scores else None
+
+    async def both() -> tuple[float | None, float | None]:
+        try:
+            return await score(before_replies, "base"), await score(after_replies, "tuned")
+        finally:
+            await judge.aclose()
+
+    try:
+        before.judge, after.judge = asyncio.run(both())
+    except (JudgeError, OSError) as exc:
+        after.notes.append(f"judge skipped: {' '.join(str(exc).split())[:200]}")
+        return
+    if before.judge is None and after.judge is None:
+        after.notes.append(f"judge {cfg.judge} gave no score (unreachable or failing)")

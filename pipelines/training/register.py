@@ -1,0 +1,64 @@
+"""A trained variant (base + adapter) made visible: a row in the store's `variants` table
+and a configs-style YAML file in `<home>/models/<name>.yaml`, which the workspace lists
+beside configs/models/ (a file in configs/models/ of the same name wins: the user's own).
+
+The row id is derived from the variant name, so training again replaces the row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import HFVariant
+
+_NAMESPACE = uuid.UUID("0f5d3c52-7c1e-4c7a-9a43-2b1f6d8e9a10")
+
+
+def home_models_dir(home: Path) -> Path:
+    return Path(home) / "models"
+
+
+def variant_row_id(name: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, name))
+
+
+def trained_variant(base: HFVariant, name: str, adapter: Path, description: str) -> HFVariant:
+    """The base variant's settings (model path as the base gives it: relative paths are
+    taken from the kyara home by both) with the adapter; inference runs unquantised."""
+    data = base.model_dump()
+    data.update(name=name, adapter=str(Path(adapter).resolve()), description=description,
+                load_in_4bit=False)
+    return HFVariant.model_validate(data)
+
+
+def write_variant_yaml(variant: HFVariant, home: Path, note: str) -> Path:
+    folder = home_models_dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{variant.name}.yaml"
+    body = yaml.safe_dump(variant.model_dump(mode="json", exclude_none=True), allow_unicode=True,
+                          sort_keys=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"# {note}\n{body}", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def register(store: Any, variant: HFVariant, *, base: str, run_id: str, yaml_path: Path) -> dict:
+    row = {
+        "id": variant_row_id(variant.name),
+        "name": variant.name,
+        "backend": variant.backend,
+        "base": base,
+        "adapter": variant.adapter,
+        "path": str(yaml_path),
+        "config_json": json.dumps(variant.model_dump(mode="json"), ensure_ascii=False),
+        "source_run_id": run_id,
+    }
+    store.upsert("variants", [row])
+    return row
