@@ -83,3 +83,20 @@ async def test_cancel_a_running_job(ws_with_variant, job_file, tmp_path, monkeyp
         await pilot.press("c")
         await wait(pilot, lambda: screen.runs[0].status == "cancelled")
         assert any("SIGTERM" in n.message for n in app._notifications)
+
+
+async def test_a_variant_registered_by_a_job_is_offered_at_once(ws_with_variant, tmp_path):
+    app = app_for(ws_with_variant, tmp_path)
+    app.variants = {"m": ws_with_variant.variant("m")}
+    async with app.run_test(size=(80, 24)) as pilot:
+        models = ws_with_variant.settings.home_path() / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        (models / "trained.yaml").write_text(  # what a finished train job writes
+            "name: trained\nbackend: gguf\npath: /t.gguf\nchat_template: gemma\n",
+            encoding="utf-8")
+        app.job_finished(None)
+        await pilot.pause()
+        assert "trained" in app.variants
+        assert any("new variant: trained" in n.message for n in app._notifications)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Variant: trained" in titles
