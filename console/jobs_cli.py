@@ -133,6 +133,17 @@ def _short_summary(summary: Optional[dict], limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _find_run(configs: Path | None, run: str):
+    """The run named on the command line (id, id prefix, run directory or name)."""
+    from console import jobs
+
+    try:
+        _, store = _open(configs)
+        return jobs.get_run(store, run)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
 @jobs_app.command("show")
 def show_cmd(
     run: str = typer.Argument(..., help="run id (or a unique prefix), run directory or name"),
@@ -142,11 +153,7 @@ def show_cmd(
     """One run: status, directory, summary and its last events."""
     from console import jobs
 
-    try:
-        _, store = _open(configs)
-        handle = jobs.get_run(store, run)
-    except _user_errors() as exc:
-        _fail(str(exc))
+    handle = _find_run(configs, run)
     out.print(Text.assemble(("run ", "bold"), handle.id, "  ",
                             (handle.status, STATUS_STYLE.get(handle.status, ""))))
     out.print(Text(f"kind {handle.kind}, name {handle.name}, pid {handle.pid}"))
@@ -172,11 +179,7 @@ def cancel_cmd(
     """Ask a run to stop (SIGTERM to its process group)."""
     from console import jobs
 
-    try:
-        _, store = _open(configs)
-        handle = jobs.get_run(store, run)
-    except _user_errors() as exc:
-        _fail(str(exc))
+    handle = _find_run(configs, run)
     if not jobs.cancel(handle, force=force):
         _fail(f"run {handle.id[:8]} is not running (status {handle.status})", code=1)
     out.print(Text(f"sent {'SIGKILL' if force else 'SIGTERM'} to run {handle.id[:8]} "
