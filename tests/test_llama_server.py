@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
-import httpx
 import pytest
 import yaml
 
@@ -42,9 +43,10 @@ def server(tmp_path_factory):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{base}/models", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     else:
         proc.kill()
