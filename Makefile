@@ -10,7 +10,7 @@ BIN         := $(VENV)/bin
 # torch for a machine without a CUDA GPU; override, e.g. TORCH_CPU="torch==2.13.0 --index-url URL"
 TORCH_CPU   ?= torch==2.13.0
 # torch for a machine with a CUDA GPU (the default PyPI build for Linux carries CUDA)
-TORCH_CUDA  ?= torch>=2.4
+TORCH_CUDA  ?= torch>=2.11
 EXTRAS      ?= demo,dev
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP       := $(VENV)/.kyara-installed-$(PYPROJECT_HASH)
