@@ -129,10 +129,8 @@ def index_persona(store: Store, persona: str, facts: Sequence[KnowledgeFact],
     """Bring the persona's rows in the knowledge table in line with `facts`: embed new and
     changed facts, delete rows of facts that are gone, rebuild the full-text index."""
     started = time.perf_counter()
-    if rebuild or (store.knowledge_dim() not in (None, embedder.dim)):
-        existing_other = store.knowledge_dim() not in (None, embedder.dim)
-        if existing_other:
-            store.drop_knowledge()  # another embedder's width: the table must be remade
+    if store.knowledge_dim() not in (None, embedder.dim):
+        store.drop_knowledge()  # another embedder's width: the table must be remade
     store.knowledge_table(embedder.dim)
     where = f"persona = {quote(persona)}"
     stored = {r["id"]: r for r in store.rows("knowledge", where=where)}
