@@ -46,8 +46,9 @@ class RunView:
         del self.lines[:-200]
 
     def chart(self) -> tuple[str, list[float]]:
-        """The series worth a sparkline: loss first, then a score, then the longest."""
-        for name in ("loss", "train_loss", "score", "fitness", "eval_loss"):
+        """The series worth a sparkline: loss first, then a score (an evolve run's best-so-far
+        curve before its per-evaluation fitness), then the longest."""
+        for name in ("loss", "train_loss", "score", "best_fitness", "fitness", "eval_loss"):
             if len(self.metrics.get(name, [])) > 1:
                 return name, self.metrics[name]
         longest = max(self.metrics.items(), key=lambda kv: len(kv[1]), default=("", []))

@@ -503,6 +503,15 @@ class MergeJob(Strict):
     output: str | None = None
 
 
+class EvolveFitness(Strict):
+    """Weights of the fitness terms, each in 0..1: the judge's mean score (1..7 scaled to
+    0..1), the share of style checks passed, the share of capability answers found."""
+
+    judge: float = Field(1.0, ge=0)
+    style: float = Field(0.25, ge=0)
+    capability: float = Field(0.5, ge=0)
+
+
 class EvolveJob(Strict):
     job: Literal["evolve"]
     name: str
@@ -518,7 +527,26 @@ class EvolveJob(Strict):
     sigma: float = Field(0.2, gt=0)
     seed: int = 0
     options: MergeOptions = MergeOptions(device="cuda")
-    output: str | None = None
+    output: str | None = Field(None, description="the search's folder (evaluations, best "
+                               "config); default <home>/evolve/<name>; a rerun resumes it")
+    layer_groups: int = Field(1, ge=1, le=16, description="parameters per model: one, or "
+                              "one per group of layers (a mergekit gradient)")
+    questions_limit: int | None = Field(8, ge=1, description="held-out questions per "
+                                        "evaluation (the first N)")
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(8, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    fitness: EvolveFitness = EvolveFitness()
+    capability: str | None = Field(None, description="JSON Lines of {question, expected: "
+                                   "[substrings]}: a check against forgetting")
+    min_judged: float = Field(0.5, ge=0, le=1, description="share of verdicts that must be "
+                              "ok; below it the evaluation fails (never a score of 0)")
+    penalty: float = Field(-1.0, description="fitness CMA-ES is told for a failed evaluation")
+    samples: int = Field(3, ge=0, description="replies kept per evaluation record")
+    materialize: bool = Field(False, description="merge the best config to disk with "
+                              "mergekit and register it as a variant")
+    ray: bool = Field(False, description="evaluate in parallel on Ray (extra: kyara[ray])")
+    workers: int | None = Field(None, ge=1, description="Ray actors; default one per GPU")
 
 
 class ExportJob(Strict):

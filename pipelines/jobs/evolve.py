@@ -1,0 +1,181 @@
+"""The `evolve` job: an evolutionary merge (CMA-ES over mergekit parameters) whose
+candidates are merged in memory into one resident model and scored by the persona judge.
+
+Stages: validate, plan (refuses when the memory plan does not fit), load (the resident
+model, once), evaluate (progress: evaluations; metrics fitness, best_fitness,
+judge_<criterion>), write (best_merge.yaml), then materialize and register when asked.
+
+The search lives in its folder (`output`, default <home>/evolve/<name>):
+
+    search.json          what makes it this search (a rerun with other settings is refused)
+    evaluations.jsonl    one line per finished evaluation: genome, merge config, fitness,
+                         per-criterion means, sample replies
+    best_merge.yaml      the best configuration, plain mergekit YAML
+    best-model/          with materialize: true, the merged model (registered as a variant)
+
+A run killed half way (SIGKILL included) is resumed by running the job again: the stored
+evaluations are replayed into CMA-ES, only the missing ones are computed. The folder is
+per search, not per run, because a run directory is never reused (the runner refuses one
+that already holds events).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipelines import events as ev
+from pipelines.config import ConfigError, EvolveJob, HFVariant
+from pipelines.events import Event
+from pipelines.jobs import JobContext
+
+MEMORY = "memory"  # error kind: the plan does not fit the device
+NO_RESULT = "no_result"  # every evaluation failed
+
+
+def search_dir(cfg: EvolveJob, home: Path) -> Path:
+    if cfg.output:
+        return Path(os.path.expandvars(cfg.output)).expanduser().resolve()
+    return (Path(home) / "evolve" / cfg.name).resolve()
+
+
+def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
+    started = time.perf_counter()
+    yield ev.start("evolve", cfg.name, f"{cfg.method} evolve over {len(cfg.models)} models")
+
+    yield ev.stage("validate", "checking models, questions and the search space")
+    from pipelines.merge.evolve import (
+        BEST_FILE,
+        EvaluationLog,
+        SearchResult,
+        SearchSpace,
+        resolve_sources,
+        search,
+        sequential,
+        stored_dtype,
+    )
+    from pipelines.merge.merge import validate_merge_config
+    from pipelines.merge.planner import detect_budget, plan_evolve
+
+    try:
+        HFVariant(name=cfg.name, backend="hf", model=".")
+    except Exception:
+        raise ConfigError(f"name: '{cfg.name}' cannot name a variant (letters, digits, "
+                          "_ . + - only)") from None
+    if cfg.ray:
+        from pipelines.merge.evolve_ray import require_ray
+
+        require_ray()  # before any model is touched: a missing extra is one line
+    base, inputs = resolve_sources(cfg, ctx.home)
+    from pipelines.merge.inmemory import SourceIndex, check_compatible
+
+    check_compatible({f: SourceIndex(f) for f in ([base] if base else []) + inputs})
+    out_dtype = cfg.options.dtype or stored_dtype(base or inputs[0])
+    space = SearchSpace.build(cfg, base, inputs, out_dtype)
+    validate_merge_config(space.decode(space.x0), "merge")  # the space makes valid configs
+    folder = search_dir(cfg, ctx.home)
+    log = EvaluationLog(folder)
+    from pipelines.merge.evolve import fingerprint
+
+    log.check_search(fingerprint(cfg, space))
+    yield ev.log(f"search folder {folder}; {len(space.variables)} parameters, "
+                 f"{cfg.population} x {cfg.generations} evaluations")
+
+    yield ev.stage("plan", "predicting peak memory from the safetensors headers")
+    plan = plan_evolve(cfg, ctx.home, context=None, batch=cfg.batch_size)
+    plan.budget = detect_budget()
+    for line in plan.lines():
+        yield ev.log(line)
+    yield ev.metric("predicted_host_bytes", plan.host_peak, stage="plan")
+    if plan.gpu:
+        yield ev.metric("predicted_gpu_bytes", plan.gpu_peak, stage="plan")
+    if not plan.fits:
+        yield ev.error(MEMORY, f"refused: {plan.verdict()}")
+        return
+    ctx.check_cancelled()
+
+    yield ev.stage("load", f"resident model on {cfg.options.device} ({out_dtype})")
+    pool = evaluator = None
+    result = SearchResult([], 0, 0)
+    try:
+        if cfg.ray:
+            from pipelines.merge.evolve_ray import RayPool
+
+            pool = RayPool(cfg, str(ctx.workspace.configs), space)
+            yield ev.log(f"Ray: {pool.size} actor(s)")
+            evaluate = pool.evaluate
+        else:
+            from pipelines.merge.evolve import Evaluator
+
+            evaluator = Evaluator(cfg, ctx.workspace, space)
+            yield ev.log(f"{len(evaluator.questions)} held-out question(s)"
+                         + (f", {len(evaluator.capability)} capability question(s)"
+                            if evaluator.capability else ""))
+            evaluate = sequential(evaluator)
+        ctx.check_cancelled()
+        yield from search(cfg, space, log, evaluate, result, ctx.check_cancelled)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        if pool is not None:
+            pool.close()
+
+    best = result.best
+    if best is None:
+        yield ev.error(NO_RESULT, f"every evaluation failed (see {log.path}); the judge "
+                                  "gave no usable verdicts")
+        return
+    yield ev.stage("write", BEST_FILE)
+    config = validate_merge_config(best["merge"], "merge")
+    text = config.to_yaml()
+    header = (f"# best of {len(result.records)} evaluations of evolve job {cfg.name}: "
+              f"evaluation {best['index']}, fitness {best['fitness']:.6f}\n")
+    for place in (folder, ctx.run_dir):
+        Path(place).mkdir(parents=True, exist_ok=True)
+        _write_atomic(Path(place) / BEST_FILE, header + text)
+    summary = {
+        "best_fitness": best["fitness"],
+        "best_index": best["index"],
+        "best_merge": str(folder / BEST_FILE),
+        "evaluations": len(result.records),
+        "evaluated": result.evaluated,
+        "replayed": result.replayed,
+        "failed": sum(r["status"] != "ok" for r in result.records),
+        "search_dir": str(folder),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if cfg.materialize:
+        yield from _materialize(cfg, ctx, config, text, folder, summary)
+    yield ev.done(summary)
+
+
+def _materialize(cfg: EvolveJob, ctx: JobContext, config, text: str, folder: Path,
+                 summary: dict) -> Iterator[Event]:
+    from pipelines.config import MergeOptions
+    from pipelines.merge.merge import run_merge
+    from pipelines.training.register import register, write_variant_yaml
+
+    out = folder / "best-model"
+    yield ev.stage("materialize", f"mergekit merge of the best config into {out}")
+    done_before = out / "mergekit_config.yml"
+    if done_before.is_file() and done_before.read_text(encoding="utf-8") == text:
+        yield ev.log(f"{out} already holds this configuration's merge")
+    else:
+        # mergekit on the CPU: the resident model may still hold the GPU in this process
+        run_merge(config, out, MergeOptions(**{**cfg.options.model_dump(), "device": "cpu"}))
+    yield ev.stage("register", f"variant {cfg.name}")
+    variant = HFVariant(name=cfg.name, backend="hf", model=str(out),
+                        description=f"evolved {cfg.method} merge, job {cfg.name}")
+    variant_yaml = write_variant_yaml(variant, ctx.home, f"evolved by kyara job {cfg.name}")
+    register(ctx.store, variant, base=str(config.base_model.model.path)
+             if config.base_model else "", run_id=ctx.run_id, yaml_path=variant_yaml)
+    yield ev.log(f"variant {cfg.name} registered: {variant_yaml}")
+    summary.update({"variant": cfg.name, "output": str(out), "variant_yaml": str(variant_yaml)})
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,200 @@
+"""In-memory merging: each candidate merge configuration is computed tensor by tensor
+straight into ONE resident model, with no disk write, no second model and no reload.
+
+- Sources stay on the host, memory-mapped: `safetensors.safe_open` keeps each shard mapped
+  and `get_tensor` copies out only the tensor asked for, so the anonymous memory a merge
+  needs is one output tensor's inputs, never a whole source model.
+- The math is mergekit's own: its MergePlanner resolves the configuration (per-model and
+  per-layer parameters, gradients, filters, base model) into one ExecuteMergeMethodTask per
+  output tensor, and each task is executed here on tensors this module loads. Only the
+  tensor loading and the write into the resident parameter are kyara's; the merged values
+  equal those of a `run_merge` of the same configuration (dare's random masks aside: they
+  depend on the order tensors are drawn in).
+- The configuration asks for `dtype: float32` (see pipelines/merge/evolve.py): inputs are
+  cast to fp32 per tensor, merged in fp32, and copied into the resident parameter in its
+  own dtype (`copy_` casts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError
+from pipelines.merge.planner import safetensors_header
+
+Progress = Callable[[int, int], None]
+
+
+class SourceIndex:
+    """Tensor name -> (shard, open memory-mapped handle) for one model folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"model '{self.folder}': no .safetensors files (an in-memory "
+                              "merge reads safetensors only)")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            for name, info in safetensors_header(file).items():
+                if name == "__metadata__":
+                    continue
+                self.shapes[name] = tuple(int(d) for d in info["shape"])
+                self.dtypes[name] = info["dtype"]
+                self._file_of[name] = file
+        self._handles: dict[Path, Any] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> Any:
+        """One tensor, copied out of the mapping (the rest of the file stays unread)."""
+        from safetensors import safe_open
+
+        file = self._file_of[name]
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def architecture(folder: Path) -> str:
+    path = folder / "config.json"
+    if not path.is_file():
+        return "?"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return ",".join(data.get("architectures") or [data.get("model_type", "?")])
+
+
+def check_compatible(indexes: dict[str, SourceIndex]) -> None:
+    """One architecture, the same tensor names and shapes: a one-line ConfigError otherwise."""
+    items = list(indexes.items())
+    first_ref, first = items[0]
+    arch = architecture(first.folder)
+    for ref, index in items[1:]:
+        other = architecture(index.folder)
+        if other != arch:
+            raise ConfigError(f"models: '{ref}' is {other} but '{first_ref}' is {arch}; "
+                              "an evolve merge needs one architecture")
+        missing = sorted(set(first.shapes) ^ set(index.shapes))
+        if missing:
+            raise ConfigError(f"models: '{ref}' and '{first_ref}' have different tensors "
+                              f"(e.g. {missing[0]}); mismatched architectures")
+        for name, shape in first.shapes.items():
+            if index.shapes[name] != shape:
+                raise ConfigError(f"models: tensor {name} is {list(index.shapes[name])} in "
+                                  f"'{ref}' but {list(shape)} in '{first_ref}'; mismatched "
+                                  "architectures")
+
+
+class InMemoryMerger:
+    """Merges candidate configurations into `model` (a transformers model, already on its
+    device), in place.
+
+        merger = InMemoryMerger(model, {path: SourceIndex(path), ...}, device="cuda")
+        merger.apply(config)          # a validated mergekit MergeConfiguration
+    """
+
+    def __init__(self, model: Any, sources: dict[str, SourceIndex], device: str = "cpu"
+                 ) -> None:
+        self.model = model
+        self.sources = {str(Path(k).resolve()): v for k, v in sources.items()}
+        self.device = device
+        # state_dict(keep_vars=True): tied weights appear under both names, same Parameter
+        self.targets = dict(model.state_dict(keep_vars=True))
+        self._arch: Any = None
+        self._out_config: Any = None
+
+    def _planned(self, config: Any) -> list[tuple[Any, Any]]:
+        from mergekit.architecture import get_architecture_info
+        from mergekit.merge import _model_out_config
+        from mergekit.options import MergeOptions as MKOptions
+        from mergekit.plan import MergePlanner
+
+        options = MKOptions(device=self.device, quiet=True)
+        if self._arch is None:  # the same architecture for every candidate
+            self._arch = get_architecture_info(config, options)
+            self._out_config = _model_out_config(config, self._arch)
+        planner = MergePlanner(config, self._arch, options=options,
+                               out_model_config=self._out_config)
+        planner._plan()  # the per-tensor tasks of plan_to_disk, without the writer
+        return list(planner._tensors)
+
+    def _load(self, model_ref: Any, weight: Any, dtype: str | None) -> Any:
+        import torch
+
+        index = self.sources.get(str(Path(str(model_ref.model.path)).resolve()))
+        if index is None:
+            raise ConfigError(f"merge: model '{model_ref.model.path}' is not one of the "
+                              "evolve job's models")
+        names = [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]
+        name = next((n for n in names if index.has(n)), None)
+        if name is None:
+            if weight.optional:
+                return None
+            raise ConfigError(f"model '{index.folder}': tensor {weight.name} is missing")
+        tensor = index.get(name)
+        if dtype:
+            tensor = tensor.to(getattr(torch, dtype))
+        return tensor.to(self.device)
+
+    def iter_apply(self, config: Any) -> Iterator[tuple[int, int]]:
+        """Merge `config` into the model, yielding (done, total) after each tensor."""
+        import torch
+
+        planned = self._planned(config)
+        written: set[str] = set()
+        with torch.no_grad():
+            for done, (weight, task) in enumerate(planned, start=1):
+                target = self._target(weight)
+                if target is None:
+                    continue
+                gather = task.gather_tensors
+                tensors = {}
+                for model_ref, info in gather.weight_info.items():
+                    value = self._load(model_ref, info, info.force_dtype or gather.dtype)
+                    if value is not None:
+                        tensors[model_ref] = value
+                result = task.execute(tensors=tensors)
+                del tensors
+                if result is None:
+                    continue
+                if tuple(result.shape) != tuple(target.shape):
+                    raise ConfigError(f"merge: tensor {weight.name} merges to "
+                                      f"{list(result.shape)}, the model has "
+                                      f"{list(target.shape)}")
+                target.copy_(result)  # fp32 result -> the parameter's dtype, in place
+                del result
+                written.add(weight.name)
+                yield done, len(planned)
+        missing = [n for n, p in self.targets.items()
+                   if n not in written and not self._tied_written(p, written)]
+        if missing:
+            raise ConfigError(f"merge: the configuration leaves {len(missing)} tensor(s) of "
+                              f"the model unmerged (e.g. {missing[0]})")
+
+    def apply(self, config: Any, progress: Progress | None = None) -> None:
+        for done, total in self.iter_apply(config):
+            if progress is not None:
+                progress(done, total)
+
+    def _target(self, weight: Any) -> Any:
+        for name in (weight.name, *(weight.aliases or ())):
+            if name in self.targets:
+                return self.targets[name]
+        return None
+
+    def _tied_written(self, param: Any, written: set[str]) -> bool:
+        return any(self.targets[n] is param for n in written if n in self.targets)
+
+    def close(self) -> None:
+        for index in self.sources.values():
+            index.close()
