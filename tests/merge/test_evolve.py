@@ -303,3 +303,81 @@ def test_ray_without_the_extra_is_refused_in_one_line(models, configs, tmp_path)
     with pytest.raises(ConfigError, match=r"kyara\[ray\]"):
         run_job(configs, tmp_path / "run", job_dict(models, tmp_path / "s", ray=True))
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+# --- resume after SIGKILL, and materialisation (slow: two job processes) ------------------
+
+
+def start_job(cfg_path: Path, run_dir: Path, configs: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           # the kind may not be in JOBS of a checkout yet; the runner honours this map
+           "KYARA_JOB_MODULES": "evolve=pipelines.jobs.evolve"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "run", str(cfg_path), "--run-dir", str(run_dir),
+         "--configs", str(configs)], cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_repeats_nothing_and_matches_an_uninterrupted_run(
+        models, configs, tmp_path):
+    import os
+    import signal
+    import time
+
+    from pipelines.events import iter_events
+
+    search = tmp_path / "search"
+    data = job_dict(models, search, generations=3, name="evo-resume")
+    cfg_path = tmp_path / "evolve.yaml"
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+    first = start_job(cfg_path, tmp_path / "run1", configs)
+    log = search / "evaluations.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not log.exists() or log.read_bytes().count(b"\n") < 3:
+            assert first.poll() is None, "the job ended before 3 evaluations"
+            assert time.monotonic() < deadline, "no 3 evaluations within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    kept = log.read_bytes().count(b"\n")
+    assert 3 <= kept < 12
+
+    second = start_job(cfg_path, tmp_path / "run2", configs)
+    assert second.wait(timeout=300) == 0
+    events = list(iter_events(tmp_path / "run2" / "events.jsonl"))
+    assert events[-1].type == "done", events[-1]
+    summary = events[-1].summary
+    assert summary["replayed"] == kept and summary["evaluated"] == 12 - kept
+    resumed = records(search)
+    assert [r["index"] for r in resumed] == list(range(12))  # none repeated, none missing
+
+    # the same search without a kill, in this process, materialised at the end
+    whole = run_job(configs, tmp_path / "run3",
+                    {**job_dict(models, tmp_path / "whole", generations=3, name="evo-resume"),
+                     "materialize": True})
+    assert whole[-1].type == "done", whole[-1]
+    uninterrupted = records(tmp_path / "whole")
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert a["genome"] == b["genome"] and a["fitness"] == b["fitness"], a["index"]
+    assert whole[-1].summary["best_fitness"] == summary["best_fitness"]
+
+    # the materialised model is mergekit's merge of the best config, registered as a variant
+    best = max(uninterrupted, key=lambda r: (r["fitness"], -r["index"]))
+    out = Path(whole[-1].summary["output"])
+    on_disk = load_file(str(next(out.glob("*.safetensors"))))
+    model = resident(models[0])
+    InMemoryMerger(model, {m: SourceIndex(m) for m in models}).apply(
+        validate_merge_config(best["merge"]))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(on_disk[name], value, rtol=0, atol=1e-6, msg=name)
+    workspace = Workspace.load(configs)
+    assert Path(workspace.variant("evo-resume").model) == out
