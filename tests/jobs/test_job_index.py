@@ -51,14 +51,14 @@ def test_a_cancelled_context_stops_the_job(configs, ctx):
 
 
 def test_kinds_not_implemented_yet_say_so(configs, ctx):
-    path = configs / "jobs" / "export-x.yaml"  # train is implemented now; export is not yet
-    path.write_text("job: export\nname: export-x\nvariant: v\n", encoding="utf-8")
+    path = configs / "jobs" / "eval-x.yaml"  # export is implemented now; eval is not yet
+    path.write_text("job: eval\nname: eval-x\nvariants: [v]\n", encoding="utf-8")
     cfg = load_job(path)
-    assert not is_implemented("export") and is_implemented("index")
-    events = list(get_job("export").run(cfg, ctx))
+    assert not is_implemented("eval") and is_implemented("index")
+    events = list(get_job("eval").run(cfg, ctx))
     assert len(events) == 1 and events[0].type == "error"
     assert events[0].kind == "not_implemented"
-    assert events[0].message == "job kind 'export' is not implemented yet"
+    assert events[0].message == "job kind 'eval' is not implemented yet"
 
 
 def test_unknown_kind_and_bad_hook_are_one_line_errors(monkeypatch):

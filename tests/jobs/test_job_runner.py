@@ -128,11 +128,11 @@ def test_ctrl_c_is_a_cancel_too(fake_jobs, job_file, configs, tmp_path):
 
 
 def test_not_implemented_kind_through_the_runner(configs, tmp_path):
-    path = configs / "jobs" / "export-x.yaml"  # train is implemented now; export is not yet
-    path.write_text("job: export\nname: export-x\nvariant: v\n", encoding="utf-8")
+    path = configs / "jobs" / "eval-x.yaml"  # export is implemented now; eval is not yet
+    path.write_text("job: eval\nname: eval-x\nvariants: [v]\n", encoding="utf-8")
     outcome = runner.run(path, run_dir=tmp_path / "r", configs=configs)
     assert outcome.status == "error" and outcome.exit_code == 2
-    assert outcome.final.message == "job kind 'export' is not implemented yet"
+    assert outcome.final.message == "job kind 'eval' is not implemented yet"
 
 
 def test_default_run_dir_name():
