@@ -389,9 +389,19 @@ def parse_variant(data: Any, source: str) -> Variant:
     return validate(data, _tagged(data, "backend", VARIANT_BACKENDS, source), source)
 
 
+# A variant's file paths that start with ./ or ../ are taken from the YAML file's folder
+# (a shipped adapter beside its config); other relative paths from the kyara home.
+_VARIANT_PATH_FIELDS = ("path", "lora_path", "model", "adapter", "chat_template")
+
+
 def load_variant(path: str | Path) -> Variant:
     path = Path(path)
-    return parse_variant(read_yaml(path), str(path))
+    variant = parse_variant(read_yaml(path), str(path))
+    for field in _VARIANT_PATH_FIELDS:
+        value = getattr(variant, field, None)
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            setattr(variant, field, str((path.parent / value).resolve()))
+    return variant
 
 
 # --- judges ---------------------------------------------------------------------------

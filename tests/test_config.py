@@ -213,3 +213,19 @@ def test_train_job_rejects_bad_values(tmp_path):
     with pytest.raises(ConfigError, match=r"learning_rate: expected: input should be greater than 0; found -1"):
         load_job(f)
     assert TrainJob(job="train", name="t", base="b").lora.r == 16
+
+
+def test_variant_paths_starting_with_dot_are_taken_from_the_yaml_folder(tmp_path):
+    from pipelines.config import load_variant
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "v.yaml").write_text(
+        "name: v\nbackend: gguf\nembedded: gemma3-270m\nlora_path: ./v/adapter.gguf\n",
+        encoding="utf-8")
+    (folder / "w.yaml").write_text(
+        "name: w\nbackend: gguf\npath: models/w.gguf\nlora_path: ../w.gguf\n", encoding="utf-8")
+    assert load_variant(folder / "v.yaml").lora_path == str(folder / "v" / "adapter.gguf")
+    w = load_variant(folder / "w.yaml")
+    assert w.lora_path == str(tmp_path / "w.gguf")
+    assert w.path == "models/w.gguf"  # no ./: still taken from the kyara home, as before
