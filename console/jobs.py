@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import events as ev
-from pipelines.config import load_job
+from pipelines.config import ConfigError, load_job
 from pipelines.events import EVENTS_FILE, Event, Tailer, last_event, read_events
 from pipelines.jobs.runner import (
     EXIT_FILE,
@@ -106,15 +106,20 @@ def runner_command(cfg_path: Path, run_dir: Path, run_id: str, configs: Path) ->
 
 def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = None,
            run_dir: str | os.PathLike[str] | None = None,
-           env: dict[str, str] | None = None) -> RunHandle:
+           env: dict[str, str] | None = None, force: bool = False) -> RunHandle:
     """Start the job of `cfg_path` as a detached process and return at once.
 
     The config is checked first (ConfigError, one line, nothing started). The run's row is
     written (status starting) before the process starts, so a list shows it at once; from
     then on the runner owns the row. Raises LaunchError when the process cannot start.
+    `force` sets the job's `force: true` (replace an existing output) in a copy of the job
+    file written into the run directory, which is then the file that runs.
     """
     cfg_path = Path(cfg_path).resolve()
     cfg = load_job(cfg_path)
+    if force and "force" not in type(cfg).model_fields:
+        article = "an" if cfg.job[0] in "aeiou" else "a"
+        raise ConfigError(f"{cfg_path}: {article} {cfg.job} job has no force option")
     run_id = new_run_id()
     directory = (Path(run_dir) if run_dir
                  else default_run_dir(workspace.settings.home_path(), cfg.name, run_id))
@@ -124,6 +129,16 @@ def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = Non
     except OSError as exc:
         raise LaunchError(f"{directory}: cannot make the run directory: "
                           f"{exc.strerror or exc}") from None
+    if force and not cfg.force:
+        import yaml
+
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        data["force"] = True
+        cfg_path = directory / "job.yaml"
+        cfg_path.write_text(f"# {cfg.name} with force: true (kyara jobs run --force)\n"
+                            + yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
+                            encoding="utf-8")
+        cfg = load_job(cfg_path)
     if store is None:
         from store import Store
 

@@ -62,6 +62,7 @@ def _print_event(event: Any) -> None:
 def run_cmd(
     config: Path = typer.Argument(..., help="a job file (configs/jobs/*.yaml)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="print its events until it ends"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output (export)"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Start a job as a detached process (it survives this shell and SSH dropping)."""
@@ -69,7 +70,7 @@ def run_cmd(
 
     try:
         ws, store = _open(configs)
-        handle = jobs.launch(config, ws, store=store)
+        handle = jobs.launch(config, ws, store=store, force=force)
     except _user_errors() as exc:
         _fail(str(exc))
     out.print(Text(f"started run {handle.id} ({handle.kind} {handle.name}), pid {handle.pid}"))

@@ -150,3 +150,24 @@ def test_console_side_imports_neither_textual_nor_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_force_runs_a_copy_of_the_job_file_with_force_true(fake_jobs, configs, workspace, store,
+                                                           monkeypatch):
+    """`kyara jobs run --force` (export: replace the output) runs a copy of the job file with
+    `force: true` written into the run directory; the user's file is left as it was; a job
+    kind without the option is refused before anything starts."""
+    monkeypatch.setenv("KYARA_JOB_MODULES", "export=tests.jobs.fake_job")
+    cfg = configs / "jobs" / "export-x.yaml"
+    original = "job: export\nname: export-x\nvariant: some-variant\n"
+    cfg.write_text(original, encoding="utf-8")
+    run = jobs.launch(cfg, workspace, store=store, force=True)
+    copy = run.run_dir / "job.yaml"
+    assert run.config_path == str(copy)
+    from pipelines.config import load_job
+
+    assert load_job(copy).force is True and load_job(copy).variant == "some-variant"
+    assert cfg.read_text(encoding="utf-8") == original
+    wait_ended(run)
+    with pytest.raises(Exception, match="an index job has no force option"):
+        jobs.launch(configs / "jobs" / "index-tiny.yaml", workspace, store=store, force=True)
