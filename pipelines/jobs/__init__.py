@@ -34,6 +34,8 @@ JOBS: dict[str, str] = {
     "merge": "pipelines.jobs.merge",
     "train": "pipelines.jobs.train",
     "curate": "pipelines.jobs.curate",
+    "export": "pipelines.jobs.export",
+    "evolve": "pipelines.jobs.evolve",
 }
 ENV_MODULES = "KYARA_JOB_MODULES"
 
