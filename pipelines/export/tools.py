@@ -49,10 +49,8 @@ def tools_dir(home: Path, version: str | None = None) -> Path:
 
 
 def check_converter_dir(folder: Path, source: str) -> Path:
+    # (conversion/ is not required: older llama.cpp keeps it all in convert_hf_to_gguf.py)
     missing = [name for name in WANTED_FILES if not (folder / name).is_file()]
-    if not (folder / "conversion").is_dir() and (folder / CONVERT_HF).is_file():
-        # Older llama.cpp keeps everything in convert_hf_to_gguf.py: fine.
-        pass
     if missing:
         raise ConfigError(f"{source}: {folder} has no {', '.join(missing)} "
                           "(expected a llama.cpp checkout)")
