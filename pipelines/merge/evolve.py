@@ -287,8 +287,10 @@ class Evaluator:
         donor = folders[0]
         dtype = getattr(torch, space.out_dtype)
         # The one resident model, loaded from the base (or first) model; every candidate
-        # overwrites all of its tensors.
-        self.model = AutoModelForCausalLM.from_pretrained(donor, dtype=dtype).to(self.device)
+        # overwrites all of its tensors. On a GPU it is loaded there directly (device_map),
+        # never staged whole in host RAM.
+        extra = {"device_map": {"": self.device}} if self.device != "cpu" else {}
+        self.model = AutoModelForCausalLM.from_pretrained(donor, dtype=dtype, **extra)
         self.model.eval()
         self.merger = InMemoryMerger(self.model, indexes, device=self.device)
         tok_dir = next((f for f in folders if (Path(f) / "tokenizer_config.json").is_file()),

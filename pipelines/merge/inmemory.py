@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
-from pipelines.merge.planner import safetensors_header
+from pipelines.merge.planner import MERGE_CHUNK_ELEMENTS, safetensors_header
 
 Progress = Callable[[int, int], None]
+# Methods whose result at an element depends only on the inputs at that element (and on
+# per-tensor parameters): merged in row chunks, so the transient memory is a chunk's
+# inputs, not a whole embedding matrix's. ties / dare_ties rank magnitudes over the whole
+# tensor and are merged whole.
+ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 
 
 class SourceIndex:
@@ -52,15 +57,21 @@ class SourceIndex:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
-    def get(self, name: str) -> Any:
-        """One tensor, copied out of the mapping (the rest of the file stays unread)."""
+    def _handle(self, name: str) -> Any:
         from safetensors import safe_open
 
         file = self._file_of[name]
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        return handle
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> Any:
+        """One tensor, or rows [a, b) of it, copied out of the mapping (the rest of the
+        file stays unread)."""
+        if rows is None:
+            return self._handle(name).get_tensor(name)
+        return self._handle(name).get_slice(name)[rows[0]:rows[1]]
 
     def close(self) -> None:
         self._handles.clear()
@@ -128,20 +139,25 @@ class InMemoryMerger:
         planner._plan()  # the per-tensor tasks of plan_to_disk, without the writer
         return list(planner._tensors)
 
-    def _load(self, model_ref: Any, weight: Any, dtype: str | None) -> Any:
-        import torch
-
+    def _find(self, model_ref: Any, weight: Any) -> tuple[SourceIndex, str | None]:
         index = self.sources.get(str(Path(str(model_ref.model.path)).resolve()))
         if index is None:
             raise ConfigError(f"merge: model '{model_ref.model.path}' is not one of the "
                               "evolve job's models")
         names = [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]
         name = next((n for n in names if index.has(n)), None)
-        if name is None:
-            if weight.optional:
-                return None
+        if name is None and not weight.optional:
             raise ConfigError(f"model '{index.folder}': tensor {weight.name} is missing")
-        tensor = index.get(name)
+        return index, name
+
+    def _load(self, model_ref: Any, weight: Any, dtype: str | None,
+              rows: tuple[int, int] | None = None) -> Any:
+        import torch
+
+        index, name = self._find(model_ref, weight)
+        if name is None:
+            return None
+        tensor = index.get(name, rows)
         if dtype:
             tensor = tensor.to(getattr(torch, dtype))
         return tensor.to(self.device)
@@ -151,35 +167,55 @@ class InMemoryMerger:
         import torch
 
         planned = self._planned(config)
+        chunked = config.merge_method in ELEMENTWISE
         written: set[str] = set()
         with torch.no_grad():
             for done, (weight, task) in enumerate(planned, start=1):
                 target = self._target(weight)
                 if target is None:
                     continue
-                gather = task.gather_tensors
-                tensors = {}
-                for model_ref, info in gather.weight_info.items():
-                    value = self._load(model_ref, info, info.force_dtype or gather.dtype)
-                    if value is not None:
-                        tensors[model_ref] = value
-                result = task.execute(tensors=tensors)
-                del tensors
-                if result is None:
-                    continue
-                if tuple(result.shape) != tuple(target.shape):
-                    raise ConfigError(f"merge: tensor {weight.name} merges to "
-                                      f"{list(result.shape)}, the model has "
-                                      f"{list(target.shape)}")
-                target.copy_(result)  # fp32 result -> the parameter's dtype, in place
-                del result
-                written.add(weight.name)
+                for rows in self._chunks(target, chunked):
+                    part = target if rows is None else target[rows[0]:rows[1]]
+                    if not self._merge_into(weight, task, part, rows):
+                        break
+                else:
+                    written.add(weight.name)
                 yield done, len(planned)
         missing = [n for n, p in self.targets.items()
                    if n not in written and not self._tied_written(p, written)]
         if missing:
             raise ConfigError(f"merge: the configuration leaves {len(missing)} tensor(s) of "
                               f"the model unmerged (e.g. {missing[0]})")
+
+    @staticmethod
+    def _chunks(target: Any, chunked: bool) -> Iterator[tuple[int, int] | None]:
+        if not chunked or target.dim() == 0 or target.numel() <= MERGE_CHUNK_ELEMENTS:
+            yield None
+            return
+        per_row = max(1, target.numel() // target.shape[0])
+        step = max(1, MERGE_CHUNK_ELEMENTS // per_row)
+        for start in range(0, target.shape[0], step):
+            yield start, min(start + step, target.shape[0])
+
+    def _merge_into(self, weight: Any, task: Any, part: Any, rows: tuple[int, int] | None
+                    ) -> bool:
+        """Merge one tensor (or rows of it) with mergekit's task into `part`; False when
+        the task gives nothing (an optional tensor no model has)."""
+        gather = task.gather_tensors
+        tensors = {}
+        for model_ref, info in gather.weight_info.items():
+            value = self._load(model_ref, info, info.force_dtype or gather.dtype, rows)
+            if value is not None:
+                tensors[model_ref] = value
+        result = task.execute(tensors=tensors)
+        del tensors
+        if result is None:
+            return False
+        if tuple(result.shape) != tuple(part.shape):
+            raise ConfigError(f"merge: tensor {weight.name} merges to {list(result.shape)}, "
+                              f"the model has {list(part.shape)}")
+        part.copy_(result)  # fp32 result -> the parameter's dtype, in place
+        return True
 
     def apply(self, config: Any, progress: Progress | None = None) -> None:
         for done, total in self.iter_apply(config):

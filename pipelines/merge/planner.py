@@ -37,6 +37,7 @@ RUNTIME_MERGE = 420 * MiB
 RUNTIME_TORCH = 450 * MiB     # a job that imports torch + transformers (train, eval, evolve)
 CUDA_CONTEXT = 600 * MiB      # CUDA context + cuBLAS workspace, per process
 PROMPT_TOKENS = 1024          # generation: prompt budget assumed besides max_new_tokens
+MERGE_CHUNK_ELEMENTS = 4 * 1024**2  # in-memory evolve merge: elements per row chunk
 
 
 def parse_size(text: str | int | float) -> int:
@@ -396,7 +397,16 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     model = int(first.params * bpp)
     ctx = context or PROMPT_TOKENS + 256
     kv = _kv_cache(first, ctx, batch, bpp)
-    work = int(first.largest_tensor * 4 * 2)  # one fp32 accumulator + one source tensor
+    # One output tensor at a time (pipelines/merge/inmemory.py): its inputs from every
+    # model cast to fp32 and the fp32 result; ties / dare_ties also hold a stacked fp32
+    # delta per model and a sign mask of the same size.
+    # linear and task_arithmetic are element-wise: merged in row chunks of at most
+    # MERGE_CHUNK_ELEMENTS; ties / dare_ties rank a whole tensor's magnitudes, so not.
+    inputs = len(refs)
+    copies = inputs + 1 + (2 * inputs if cfg.method in ("ties", "dare_ties") else 0)
+    span = (first.largest_tensor if cfg.method in ("ties", "dare_ties")
+            else min(first.largest_tensor, MERGE_CHUNK_ELEMENTS))
+    work = int(span * 4 * copies)
     plan = Plan(job="evolve", device=device)
     target = plan.gpu if device == "cuda" else plan.host
     if device == "cuda":
@@ -404,7 +414,7 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     target.append(Term("resident model", model, f"{first.params / 1e6:.0f}M params",
                        floor=int(first.params * 0.55)))
     target.append(Term("KV cache", kv, f"context {ctx} x batch {batch}", floor=kv // batch))
-    target.append(Term("merge accumulator", work, "largest tensor, fp32, x2"))
+    target.append(Term("merge accumulator", work, f"largest tensor, fp32, x{copies}"))
     plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers"))
     plan.host.append(Term("sources (mmap)", sum(s.bytes for s in stats),
                           "file-backed: reclaimable, never copied"))

@@ -106,8 +106,14 @@ def mergekit_tensors(config: dict, out: Path) -> dict[str, torch.Tensor]:
     return merged
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "ties-per-layer"])
-def test_in_memory_merge_equals_mergekit(tiny_models, tmp_path, method):
+@pytest.mark.parametrize("method,chunk", [
+    ("linear", None), ("linear", 1000), ("task_arithmetic", 1000), ("ties", 1000),
+    ("ties-per-layer", None)])
+def test_in_memory_merge_equals_mergekit(tiny_models, tmp_path, monkeypatch, method, chunk):
+    from pipelines.merge import inmemory
+
+    if chunk is not None:  # element-wise methods merge big tensors in row chunks
+        monkeypatch.setattr(inmemory, "MERGE_CHUNK_ELEMENTS", chunk)
     base, *others = (str(m) for m in tiny_models)
     if method == "linear":
         config = {"merge_method": "linear", "dtype": "float32", "models": [
