@@ -20,7 +20,7 @@ ifeq ($(CI),true)
 PYTEST_MARK := -m "not gpu"
 endif
 
-.PHONY: chat test test-slow test-all venv doctor lint clean-venv
+.PHONY: chat test test-slow test-all venv doctor lint clean-venv ayane-adapter
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ test-all: $(STAMP)
 
 doctor: $(STAMP)
 	$(BIN)/kyara doctor
+
+# Rebuild the shipped Ayane adapter (configs/models/ayane-270m/): the CPU quick-start
+# training (~10 min on 2 cores), GGUF LoRA export, verification and figures.
+ayane-adapter: $(STAMP)
+	$(BIN)/python -m pipelines.training.ship --force $(SHIP_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check console pipelines store tests bench

@@ -195,7 +195,7 @@ class AppSettings(Strict):
     home: str = "~/.local/share/kyara"
     store: str | None = Field(None, description="LanceDB directory; default <home>/store")
     default_persona: str = "ayane"
-    default_variant: str = "gemma3-270m"
+    default_variant: str = "ayane-270m"
     default_judge: str | None = "gpt-4o-mini"
     rag: bool = False
     compare: list[str] = Field(

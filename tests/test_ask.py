@@ -24,7 +24,7 @@ def test_ask_streams_and_logs_the_turn(tmp_path):
                                                        ("assistant", "complete")]
     reply = rows[1]
     assert reply["content"].strip() == proc.stdout.strip()
-    assert reply["variant"] == "gemma3-270m" and reply["completion_tokens"] <= 8
+    assert reply["variant"] == "ayane-270m" and reply["completion_tokens"] <= 8  # the default
     assert reply["stop_reason"] in ("length", "eos")
     assert reply["rendered_prompt"].startswith("<bos><start_of_turn>user\nお嬢様のように")
 

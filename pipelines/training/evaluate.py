@@ -118,3 +118,27 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], questions
             text = tokenizer.decode(new, skip_special_tokens=True)
             out.append(Reply(questions[start + row], text, stop, len(new)))
     return out
+
+
+def replies_from_backend(backend: Any, system: str | None, questions: Sequence[str],
+                         max_new_tokens: int) -> list[Reply]:
+    """Greedy replies through a ChatBackend (any variant: a GGUF with its LoRA adapter, a
+    server), one question at a time, with the chat engine's prompt (system folded as in
+    chat). The same measure as generate(), for variants that are not a transformers model."""
+    from pipelines.inference.base import GenerationOptions
+    from pipelines.prompting import build_messages
+
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                                top_k=1, seed=0)
+    out: list[Reply] = []
+    for question in questions:
+        text, last = "", None
+        for delta in backend.stream(build_messages(system, [], question), options):
+            text += delta.text
+            if delta.done:
+                last = delta
+        if last is None or last.stop_reason not in ("eos", "length"):
+            reason = last.error if last is not None else "the stream ended without a stop"
+            raise RuntimeError(f"{backend.name}: no reply to {question!r}: {reason}")
+        out.append(Reply(question, text, last.stop_reason, last.completion_tokens or 0))
+    return out

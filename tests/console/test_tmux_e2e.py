@@ -49,10 +49,11 @@ def home(tmp_path):
 
 def test_chat_resume_in_a_real_terminal(home):
     start(home)
-    wait_for(lambda s: "gemma3-270m" in s and "Quit" in s)
+    wait_for(lambda s: "ayane-270m" in s and "Quit" in s)  # the default variant
     tmux("send-keys", "-t", "k", "好きなミュージカルは？", "Enter")
     # the reply streams, then the style badges appear under it
-    text = wait_for(lambda s: "length" in s and ("✓" in s or "✗" in s), timeout=120)
+    text = wait_for(lambda s: ("length" in s or "eos" in s) and ("✓" in s or "✗" in s),
+                    timeout=120)
     assert "好きなミュージカルは？" in text and "小野寺絢音" in text
     assert "tok/s" in text  # the status line has the speed of the reply
     tmux("send-keys", "-t", "k", "C-q")

@@ -1,0 +1,78 @@
+"""The Ayane adapter that ships in configs/models/ayane-270m/ (issue 8, item 6): the file is
+the one its provenance describes, built from today's quick-start job file, it is the
+default variant, and on the packaged 270M GGUF it answers as Ayane where the base does not."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+
+from pipelines.inference.embedded import ensure_embedded
+from pipelines.inference.registry import load_backend
+from pipelines.training.evaluate import figures, replies_from_backend
+from pipelines.workspace import Workspace
+from tests.conftest import CONFIGS
+
+SHIPPED = CONFIGS / "models" / "ayane-270m"
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def provenance() -> dict:
+    return yaml.safe_load((SHIPPED / "provenance.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("kyara-home")
+    ensure_embedded("gemma3-270m", home)
+    return home
+
+
+def test_the_adapter_is_the_one_its_provenance_describes(provenance, home):
+    adapter = SHIPPED / "adapter.gguf"
+    assert _sha256(adapter) == provenance["adapter"]["sha256"]
+    assert adapter.stat().st_size == provenance["adapter"]["bytes"] < 20_000_000
+    # trained on the base the console runs it on
+    assert _sha256(ensure_embedded("gemma3-270m", home)) == provenance["base"]["sha256"]
+    # from the job file as it is now, with its fixed seed: `make ayane-adapter` rebuilds it
+    job = yaml.safe_load((CONFIGS / "jobs" / "quickstart-ayane-270m.yaml").read_text("utf-8"))
+    assert provenance["job"]["config"] == job and provenance["seed"] == job["seed"] == 0
+    for name, digest in provenance["data"].items():
+        assert len(digest) == 64, name
+    assert provenance["verification"]["tokenizer"] == "20/20 identical"
+    assert provenance["verification"]["end_of_turn"] is True
+    after = provenance["gguf_eval"]["after"]
+    assert after["ends_maru"] >= 0.9 and after["stop_eos"] >= 0.9
+
+
+def test_the_default_variant_is_the_shipped_adapter():
+    ws = Workspace.load(CONFIGS)
+    variant = ws.variant()
+    assert variant.name == "ayane-270m" and variant.embedded == "gemma3-270m"
+    assert variant.lora_path == str((SHIPPED / "adapter.gguf").resolve())
+    assert ws.variant("gemma3-270m").lora_path is None  # the plain base stays selectable
+
+
+def test_the_default_answers_as_ayane_and_the_base_does_not(home):
+    """Greedy replies to five held-out questions, through the chat engine's gguf backend."""
+    ws = Workspace.load(CONFIGS)
+    persona = ws.persona("ayane")
+    questions = [q.question for q in ws.persona_data("ayane").eval[:5]]
+    measured = {}
+    for name in ("ayane-270m", "gemma3-270m"):
+        backend = load_backend(ws.variant(name), home)
+        try:
+            replies = replies_from_backend(backend, persona.prompts.system, questions, 48)
+        finally:
+            backend.close()
+        measured[name] = figures(name, replies, persona.speech)
+    ayane, base = measured["ayane-270m"], measured["gemma3-270m"]
+    assert ayane.ends_maru >= 0.8 and ayane.stop_eos >= 0.8 and ayane.newlines == 0
+    assert ayane.median_chars <= 45
+    assert base.stop_eos <= 0.2 and base.ends_maru <= 0.2  # the adapter made the difference
