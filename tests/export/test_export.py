@@ -216,3 +216,21 @@ def test_failed_verification_registers_nothing(workspace, tmp_path, gemma3_dir, 
     assert not (ctx.home / "exports" / "tiny-v-gguf").exists()
     assert not (ctx.home / "models").exists() and _registered(ctx) == []
     assert (ctx.run_dir / "verification.json").is_file()
+
+
+@pytest.mark.slow
+def test_converters_fetched_once_from_the_registry(tmp_path):
+    """A fresh home: the first use fetches the installed llama-cpp-python's sdist with pip
+    and extracts only the converters (said on screen); the second use fetches nothing."""
+    from pipelines.export import tools
+
+    said: list[str] = []
+    folder = tools.converter_dir(tmp_path, say=said.append)
+    assert folder == tools.tools_dir(tmp_path)
+    assert (folder / tools.CONVERT_HF).is_file() and (folder / tools.CONVERT_LORA).is_file()
+    assert (folder / "gguf-py" / "gguf" / "gguf_writer.py").is_file()
+    assert not any(p.suffix in (".c", ".cpp", ".h") for p in folder.rglob("*"))
+    assert any("fetching llama.cpp's converters" in line for line in said)
+    said.clear()
+    assert tools.converter_dir(tmp_path, say=said.append) == folder
+    assert not any("fetching" in line for line in said)
