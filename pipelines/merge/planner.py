@@ -37,7 +37,7 @@ RUNTIME_MERGE = 420 * MiB
 RUNTIME_TORCH = 450 * MiB     # a job that imports torch + transformers (train, eval, evolve)
 CUDA_CONTEXT = 600 * MiB      # CUDA context + cuBLAS workspace, per process
 PROMPT_TOKENS = 1024          # generation: prompt budget assumed besides max_new_tokens
-MERGE_CHUNK_ELEMENTS = 4 * 1024**2  # in-memory evolve merge: elements per row chunk
+MERGE_CHUNK_ELEMENTS = 1024**2  # in-memory evolve merge: elements per row chunk
 
 
 def parse_size(text: str | int | float) -> int:
@@ -400,13 +400,13 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     # One output tensor at a time (pipelines/merge/inmemory.py): its inputs from every
     # model cast to fp32 and the fp32 result; ties / dare_ties also hold a stacked fp32
     # delta per model and a sign mask of the same size.
-    # linear and task_arithmetic are element-wise: merged in row chunks of at most
-    # MERGE_CHUNK_ELEMENTS; ties / dare_ties rank a whole tensor's magnitudes, so not.
+    # Merged in row chunks of at most MERGE_CHUNK_ELEMENTS; ties first ranks a whole
+    # tensor's |delta| (one fp32 copy; on a GPU kthvalue's copy and a temporary too).
     inputs = len(refs)
-    copies = inputs + 1 + (2 * inputs if cfg.method in ("ties", "dare_ties") else 0)
-    span = (first.largest_tensor if cfg.method in ("ties", "dare_ties")
-            else min(first.largest_tensor, MERGE_CHUNK_ELEMENTS))
-    work = int(span * 4 * copies)
+    sparse = cfg.method in ("ties", "dare_ties")
+    copies = inputs + 1 + (2 * inputs if sparse else 0)
+    work = int(min(first.largest_tensor, MERGE_CHUNK_ELEMENTS) * 4 * copies
+               + (first.largest_tensor * 4 * (3 if device == "cuda" else 1) if sparse else 0))
     plan = Plan(job="evolve", device=device)
     target = plan.gpu if device == "cuda" else plan.host
     if device == "cuda":
@@ -414,7 +414,8 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     target.append(Term("resident model", model, f"{first.params / 1e6:.0f}M params",
                        floor=int(first.params * 0.55)))
     target.append(Term("KV cache", kv, f"context {ctx} x batch {batch}", floor=kv // batch))
-    target.append(Term("merge accumulator", work, f"largest tensor, fp32, x{copies}"))
+    target.append(Term("merge accumulator", work,
+                       f"one chunk's inputs, fp32, x{copies}" + (" + ranking" if sparse else "")))
     plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers"))
     plan.host.append(Term("sources (mmap)", sum(s.bytes for s in stats),
                           "file-backed: reclaimable, never copied"))

@@ -107,8 +107,8 @@ def mergekit_tensors(config: dict, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method,chunk", [
-    ("linear", None), ("linear", 1000), ("task_arithmetic", 1000), ("ties", 1000),
-    ("ties-per-layer", None)])
+    ("linear", None), ("linear", 1000), ("task_arithmetic", 1000), ("ties", None),
+    ("ties", 1000), ("ties-per-layer", 1000)])
 def test_in_memory_merge_equals_mergekit(tiny_models, tmp_path, monkeypatch, method, chunk):
     from pipelines.merge import inmemory
 
@@ -129,7 +129,13 @@ def test_in_memory_merge_equals_mergekit(tiny_models, tmp_path, monkeypatch, met
     model = resident(tiny_models[0])
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
     merger = InMemoryMerger(model, {m: SourceIndex(m) for m in tiny_models})
+    sparse_calls = []
+    original = merger._sparse_into
+    monkeypatch.setattr(merger, "_sparse_into",
+                        lambda *a: sparse_calls.append(a[0].name) or original(*a))
     merger.apply(validate_merge_config(config))
+    # ties on big tensors takes the two-pass path (the chunk makes every matrix "big")
+    assert bool(sparse_calls) == (method.startswith("ties") and chunk is not None)
 
     expected = mergekit_tensors(config, tmp_path / "mk")
     state = model.state_dict()
@@ -145,7 +151,12 @@ def test_in_memory_merge_equals_mergekit(tiny_models, tmp_path, monkeypatch, met
         torch.testing.assert_close(state[name], mean, rtol=1e-5, atol=1e-6)
 
 
-def test_dare_ties_is_seeded_and_keeps_its_density(tiny_models):
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_dare_ties_is_seeded_and_keeps_its_density(tiny_models, monkeypatch, chunk):
+    from pipelines.merge import inmemory
+
+    if chunk is not None:  # big tensors: kyara's two-pass path instead of mergekit's
+        monkeypatch.setattr(inmemory, "MERGE_CHUNK_ELEMENTS", chunk)
     base, other = str(tiny_models[0]), str(tiny_models[1])
     config = validate_merge_config({
         "merge_method": "dare_ties", "base_model": base, "dtype": "float32",
@@ -309,6 +320,86 @@ def test_ray_without_the_extra_is_refused_in_one_line(models, configs, tmp_path)
     with pytest.raises(ConfigError, match=r"kyara\[ray\]"):
         run_job(configs, tmp_path / "run", job_dict(models, tmp_path / "s", ray=True))
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_capability_check_is_a_fitness_term(models, configs, tmp_path):
+    questions = tmp_path / "capability.jsonl"
+    questions.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in [
+        {"question": "印を書いて。", "expected": ["わ"]},
+        {"question": "もう一度。", "expected": "わ"},
+        {"question": "英語で挨拶して。", "expected": ["hello-never-produced"]},
+    ]) + "\n", encoding="utf-8")
+    events = run_job(configs, tmp_path / "run", job_dict(
+        models, tmp_path / "search", population=4, generations=1, capability=str(questions),
+        fitness={"judge": 0.0, "style": 0.0, "capability": 1.0}))
+    assert events[-1].type == "done", events[-1]
+    stored = records(tmp_path / "search")
+    values = [r["terms"]["capability"] for r in stored]
+    assert all(abs(r["fitness"] - r["terms"]["capability"]) < 1e-6 for r in stored)
+    assert all(min(abs(v - n / 3) for n in range(3)) < 1e-6 for v in values), values
+    assert max(values) < 1  # the third answer is never found
+    assert all(r["verdicts"] == {"ok": 0, "invalid": 0, "failed": 0} for r in stored)
+
+
+class FakeRay:
+    """Just enough of ray's API to run the Ray code path in this process: actors are
+    local objects, futures are values."""
+
+    def __init__(self, gpus: int = 0) -> None:
+        self.gpus = gpus
+        self.actors: list = []
+        self.killed = 0
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": 2.0, "GPU": float(self.gpus)}
+
+    def remote(self, **options):
+        fake = self
+
+        def wrap(cls):
+            class Handle:
+                def __init__(self, *args) -> None:
+                    self.obj = cls(*args)
+                    fake.actors.append(self)
+
+                def __getattr__(self, name):
+                    method = getattr(self.obj, name)
+                    return type("M", (), {"remote": staticmethod(method)})
+
+            return type("Remote", (), {"remote": staticmethod(lambda *a: Handle(*a))})
+
+        return wrap
+
+    def get(self, value):
+        return value
+
+    def kill(self, actor) -> None:
+        self.killed += 1
+
+
+def test_ray_path_is_selected_when_ray_is_there(models, configs, tmp_path, monkeypatch):
+    import sys
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    events = run_job(configs, tmp_path / "run", job_dict(
+        models, tmp_path / "search", population=3, generations=1, ray=True, workers=2))
+    assert events[-1].type == "done", events[-1]
+    assert any(e.type == "log" and e.message == "Ray: 2 actor(s)" for e in events)
+    assert len(fake.actors) == 2 and fake.killed == 2
+    assert [r["index"] for r in records(tmp_path / "search")] == [0, 1, 2]
+
+    # a GPU search on a cluster without GPUs is refused in one line
+    with pytest.raises(ConfigError, match="no GPU"):
+        from pipelines.merge.evolve import SearchSpace as Space
+        from pipelines.merge.evolve_ray import RayPool
+
+        cfg = EvolveJob.model_validate(job_dict(models, tmp_path / "s2", ray=True,
+                                                options={"device": "cuda"}))
+        RayPool(cfg, str(configs), Space.build(cfg, *resolve_sources(cfg, None), "float32"))
 
 
 # --- resume after SIGKILL, and materialisation (slow: two job processes) ------------------
