@@ -51,11 +51,7 @@ def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.stage("plan", "predicting peak memory from the safetensors headers")
     plan = plan_merge(cfg.merge, cfg.options)  # paths as mergekit will read them
     plan.budget = detect_budget()
-    for line in plan.lines():
-        yield ev.log(line)
-    yield ev.metric("predicted_host_bytes", plan.host_peak, stage="plan")
-    if plan.gpu:
-        yield ev.metric("predicted_gpu_bytes", plan.gpu_peak, stage="plan")
+    yield from plan.events()
     if not plan.fits:
         yield ev.error(MEMORY, f"refused: {plan.verdict()}")
         return

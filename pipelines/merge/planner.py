@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,16 @@ class Plan:
             parts.append(f"{place} peak {human(peak)} > {human(limit)}: term "
                          f"'{term.name}' {human(term.bytes)}" + (f"; {fix}" if fix else ""))
         return "does not fit: " + " | ".join(parts)
+
+    def events(self) -> Iterator[Any]:
+        """The plan as a job's events: its lines as logs, the predicted peaks as metrics."""
+        from pipelines import events as ev
+
+        for line in self.lines():
+            yield ev.log(line)
+        yield ev.metric("predicted_host_bytes", self.host_peak, stage="plan")
+        if self.gpu:
+            yield ev.metric("predicted_gpu_bytes", self.gpu_peak, stage="plan")
 
     def lines(self) -> list[str]:
         out = [f"{self.job} on {self.device}"]
