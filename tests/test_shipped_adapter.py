@@ -76,3 +76,18 @@ def test_the_default_answers_as_ayane_and_the_base_does_not(home):
     assert ayane.ends_maru >= 0.8 and ayane.stop_eos >= 0.8 and ayane.newlines == 0
     assert ayane.median_chars <= 45
     assert base.stop_eos <= 0.2 and base.ends_maru <= 0.2  # the adapter made the difference
+
+
+def test_ship_reuses_a_finished_train_run_only(tmp_path):
+    """`make ayane-adapter` trains again unless the run directory holds a finished run."""
+    import json
+
+    from pipelines.training.ship import finished_run
+
+    assert finished_run(tmp_path) is None
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({"type": "stage", "stage": "train"}) + "\n", encoding="utf-8")
+    assert finished_run(tmp_path) is None  # started, never finished
+    with events.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"type": "done", "summary": {"adapter": "/x/adapter"}}) + "\n")
+    assert finished_run(tmp_path) == {"adapter": "/x/adapter"}
