@@ -93,8 +93,18 @@ def check_workspace(ws) -> list[Check]:
                         f"{', '.join(personas) or 'none'} (default {ws.settings.default_persona})"))
     variants = list(ws.variant_files())
     status = "ok" if ws.settings.default_variant in variants else "fail"
-    checks.append(Check("model variants", status,
-                        f"{', '.join(variants) or 'none'} (default {ws.settings.default_variant})"))
+    detail = f"{', '.join(variants) or 'none'} (default {ws.settings.default_variant})"
+    if status == "ok":
+        try:
+            default = ws.variant()
+        except ConfigError as exc:
+            status, detail = "fail", str(exc)
+        else:
+            lora = getattr(default, "lora_path", None)
+            if lora and Path(lora).is_absolute() and not Path(lora).is_file():
+                status = "fail"
+                detail += f"; its LoRA adapter {lora} is missing"
+    checks.append(Check("model variants", status, detail))
     name = ws.settings.default_judge
     if not name:
         checks.append(Check("judge", "warn", "no default judge configured", required=False))

@@ -59,3 +59,13 @@ def test_doctor_exit_1_when_default_setup_is_missing(tmp_path):
     assert proc.returncode == 1
     assert "personas" in proc.stderr and "failed" in proc.stderr
     assert "OPENAI_API_KEY is NOT set" in proc.stdout
+
+
+def test_doctor_fails_when_the_default_variants_adapter_is_missing(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs, ignore=shutil.ignore_patterns("adapter.gguf"))
+    proc = run_kyara("doctor", "--configs", str(configs), env={"OPENAI_API_KEY": ""},
+                     timeout=300)
+    assert proc.returncode == 1
+    text = " ".join(proc.stdout.split())
+    assert "LoRA adapter" in text and "is missing" in text
