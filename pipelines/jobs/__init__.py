@@ -91,6 +91,14 @@ class JobContext:
             raise JobCancelled()
 
 
+def output_dir(output: str | None, home: Path, folder: str, name: str) -> Path:
+    """Where a job writes what it makes: its `output:` (~ and $VARS expanded), else
+    <home>/<folder>/<job name>. Absolute."""
+    if output:
+        return Path(os.path.expandvars(output)).expanduser().resolve()
+    return (Path(home) / folder / name).resolve()
+
+
 class NotImplementedJob:
     """Stands in for a kind the config knows but no module implements yet."""
 
@@ -155,6 +163,7 @@ __all__ = [
     "JobContext",
     "NotImplementedJob",
     "get_job",
+    "output_dir",
     "is_implemented",
     "register",
     "unregister",

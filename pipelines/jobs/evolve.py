@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines import events as ev
-from pipelines.config import ConfigError, EvolveJob, HFVariant
+from pipelines import jobs
+from pipelines.config import EvolveJob
 from pipelines.events import Event
 from pipelines.jobs import JobContext
 
@@ -36,9 +37,7 @@ NO_RESULT = "no_result"  # every evaluation failed
 
 
 def search_dir(cfg: EvolveJob, home: Path) -> Path:
-    if cfg.output:
-        return Path(os.path.expandvars(cfg.output)).expanduser().resolve()
-    return (Path(home) / "evolve" / cfg.name).resolve()
+    return jobs.output_dir(cfg.output, home, "evolve", cfg.name)
 
 
 def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
@@ -56,14 +55,10 @@ def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
         sequential,
         stored_dtype,
     )
-    from pipelines.merge.merge import validate_merge_config
+    from pipelines.merge.merge import check_variant_name, validate_merge_config
     from pipelines.merge.planner import detect_budget, plan_evolve
 
-    try:
-        HFVariant(name=cfg.name, backend="hf", model=".")
-    except Exception:
-        raise ConfigError(f"name: '{cfg.name}' cannot name a variant (letters, digits, "
-                          "_ . + - only)") from None
+    check_variant_name(cfg.name)
     if cfg.ray:
         from pipelines.merge.evolve_ray import require_ray
 
@@ -150,8 +145,7 @@ def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
 def _materialize(cfg: EvolveJob, ctx: JobContext, config, text: str, folder: Path,
                  summary: dict) -> Iterator[Event]:
     from pipelines.config import MergeOptions
-    from pipelines.merge.merge import run_merge
-    from pipelines.training.register import register, write_variant_yaml
+    from pipelines.merge.merge import register_merged, run_merge
 
     out = folder / "best-model"
     yield ev.stage("materialize", f"mergekit merge of the best config into {out}")
@@ -162,11 +156,9 @@ def _materialize(cfg: EvolveJob, ctx: JobContext, config, text: str, folder: Pat
         # mergekit on the CPU: the resident model may still hold the GPU in this process
         run_merge(config, out, MergeOptions(**{**cfg.options.model_dump(), "device": "cpu"}))
     yield ev.stage("register", f"variant {cfg.name}")
-    variant = HFVariant(name=cfg.name, backend="hf", model=str(out),
-                        description=f"evolved {cfg.method} merge, job {cfg.name}")
-    variant_yaml = write_variant_yaml(variant, ctx.home, f"evolved by kyara job {cfg.name}")
-    register(ctx.store, variant, base=str(config.base_model.model.path)
-             if config.base_model else "", run_id=ctx.run_id, yaml_path=variant_yaml)
+    variant_yaml = register_merged(ctx, cfg.name, out, config,
+                                   f"evolved {cfg.method} merge, job {cfg.name}",
+                                   f"evolved by kyara job {cfg.name}")
     yield ev.log(f"variant {cfg.name} registered: {variant_yaml}")
     summary.update({"variant": cfg.name, "output": str(out), "variant_yaml": str(variant_yaml)})
 

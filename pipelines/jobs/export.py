@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines import events as ev
+from pipelines import jobs
 from pipelines.config import ConfigError, ExportJob, GGUFVariant, HFVariant
 from pipelines.events import Event
 from pipelines.jobs import JobContext
@@ -31,9 +32,7 @@ VERIFICATION_FILE = "verification.json"
 
 
 def output_dir(cfg: ExportJob, home: Path) -> Path:
-    if cfg.output:
-        return Path(os.path.expandvars(cfg.output)).expanduser().resolve()
-    return (Path(home) / "exports" / cfg.name).resolve()
+    return jobs.output_dir(cfg.output, home, "exports", cfg.name)
 
 
 def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | None]:

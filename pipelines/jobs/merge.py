@@ -7,7 +7,6 @@ Stages: validate, plan, merge (progress: output tensors written), register.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -18,7 +17,8 @@ from typing import Any
 import yaml
 
 from pipelines import events as ev
-from pipelines.config import ConfigError, HFVariant, MergeJob
+from pipelines import jobs
+from pipelines.config import MergeJob
 from pipelines.events import Event
 from pipelines.jobs import JobContext
 
@@ -26,9 +26,7 @@ MEMORY = "memory"  # error kind: the plan does not fit the device
 
 
 def output_dir(cfg: MergeJob, home: Path) -> Path:
-    if cfg.output:
-        return Path(os.path.expandvars(cfg.output)).expanduser().resolve()
-    return (Path(home) / "merges" / cfg.name).resolve()
+    return jobs.output_dir(cfg.output, home, "merges", cfg.name)
 
 
 def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:
@@ -36,14 +34,16 @@ def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.start("merge", cfg.name, f"{cfg.merge.get('merge_method', '?')} merge")
 
     yield ev.stage("validate", "checking the mergekit configuration")
-    from pipelines.merge.merge import check_output, run_merge, validate_merge_config
+    from pipelines.merge.merge import (
+        check_output,
+        check_variant_name,
+        register_merged,
+        run_merge,
+        validate_merge_config,
+    )
     from pipelines.merge.planner import detect_budget, plan_merge
 
-    try:
-        HFVariant(name=cfg.name, backend="hf", model=".")
-    except Exception:
-        raise ConfigError(f"name: '{cfg.name}' cannot name a variant (letters, digits, "
-                          "_ . + - only)") from None
+    check_variant_name(cfg.name)
     config = validate_merge_config(cfg.merge, "merge")
     out = output_dir(cfg, ctx.home)
     check_output(out)
@@ -87,16 +87,12 @@ def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:
         raise outcome["error"]
 
     yield ev.stage("register", f"variant {cfg.name}")
-    from pipelines.training.register import register, write_variant_yaml
-
     (out / "kyara_merge.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
         encoding="utf-8")
-    variant = HFVariant(name=cfg.name, backend="hf", model=str(out),
-                        description=f"{config.merge_method} merge from job {cfg.name}")
-    variant_yaml = write_variant_yaml(variant, ctx.home, f"merged by kyara job {cfg.name}")
-    register(ctx.store, variant, base=str(config.base_model.model.path)
-             if config.base_model else "", run_id=ctx.run_id, yaml_path=variant_yaml)
+    variant_yaml = register_merged(ctx, cfg.name, out, config,
+                                   f"{config.merge_method} merge from job {cfg.name}",
+                                   f"merged by kyara job {cfg.name}")
     yield ev.log(f"variant {cfg.name} registered: {variant_yaml}")
     yield ev.done({
         "variant": cfg.name,

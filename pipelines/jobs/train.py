@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from pipelines import events as ev
+from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, TrainJob
 from pipelines.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.events import Event
@@ -50,9 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def output_dir(cfg: TrainJob, home: Path) -> Path:
-    if cfg.output:
-        return Path(os.path.expandvars(cfg.output)).expanduser()
-    return Path(home) / "runs" / cfg.name
+    return jobs.output_dir(cfg.output, home, "runs", cfg.name)
 
 
 def base_variant(ctx: JobContext, cfg: TrainJob) -> HFVariant:

@@ -118,3 +118,28 @@ def _has_tokenizer(config: Any) -> bool:
     if not path.is_dir():
         return True  # a hub id: mergekit resolves it through the cache
     return (path / "tokenizer_config.json").is_file()
+
+
+def check_variant_name(name: str) -> None:
+    """A merge job's name names the variant it registers: refuse one that cannot, early."""
+    from pipelines.config import HFVariant
+
+    try:
+        HFVariant(name=name, backend="hf", model=".")
+    except Exception:
+        raise ConfigError(f"name: '{name}' cannot name a variant (letters, digits, "
+                          "_ . + - only)") from None
+
+
+def register_merged(ctx: Any, name: str, out: Path, config: Any, description: str,
+                    note: str) -> Path:
+    """The merged model in `out` as an hf variant: <home>/models/<name>.yaml and a store row
+    (its base: the mergekit config's base model, if any). Returns the YAML's path."""
+    from pipelines.config import HFVariant
+    from pipelines.training.register import register, write_variant_yaml
+
+    variant = HFVariant(name=name, backend="hf", model=str(out), description=description)
+    variant_yaml = write_variant_yaml(variant, ctx.home, note)
+    register(ctx.store, variant, base=str(config.base_model.model.path)
+             if config.base_model else "", run_id=ctx.run_id, yaml_path=variant_yaml)
+    return variant_yaml
