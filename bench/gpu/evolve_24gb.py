@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from evolve_memory import build_tokenizer  # noqa: E402  (the same tiny tokenizer)
 
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
@@ -32,30 +35,6 @@ TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
 GiB = 1024**3
 SHARD = 2 * GiB
-
-
-def build_tokenizer(out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if (out / "tokenizer_config.json").is_file():
-        return out
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, show_progress=False,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["こんにちは、絢音ですわ。", "紅茶がとても好きですの。"] * 50,
-                            trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
-                                      eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    wrapped.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + "
-        "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
-    wrapped.save_pretrained(out)
-    return out
 
 
 def build_model(path: Path, seed: int, shape: dict, tokenizer: Path) -> Path:
