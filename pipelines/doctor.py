@@ -100,8 +100,10 @@ def check_workspace(ws) -> list[Check]:
         except ConfigError as exc:
             status, detail = "fail", str(exc)
         else:
+            from pipelines.inference.registry import resolve_path
+
             lora = getattr(default, "lora_path", None)
-            if lora and Path(lora).is_absolute() and not Path(lora).is_file():
+            if lora and not resolve_path(lora, ws.settings.home_path()).is_file():
                 status = "fail"
                 detail += f"; its LoRA adapter {lora} is missing"
     checks.append(Check("model variants", status, detail))

@@ -46,15 +46,11 @@ def sha256(path: Path) -> str:
 
 
 def finished_run(run_dir: Path) -> dict[str, Any] | None:
-    """The `done` payload of a finished run in run_dir, else None."""
-    events = run_dir / "events.jsonl"
-    if not events.is_file():
-        return None
-    for line in reversed(events.read_text(encoding="utf-8").splitlines()):
-        event = json.loads(line)
-        if event.get("type") == "done":
-            return event.get("summary") or {}
-    return None
+    """The `done` summary of a finished run in run_dir (its last event), else None."""
+    from pipelines.events import EVENTS_FILE, last_event
+
+    event = last_event(run_dir / EVENTS_FILE)
+    return (event.summary or {}) if event is not None and event.type == "done" else None
 
 
 def train(home: Path, run_dir: Path) -> dict[str, Any]:
