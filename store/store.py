@@ -270,18 +270,37 @@ class Store:
     def knowledge_version(self) -> int | None:
         """A number that changes whenever the knowledge table may have changed (any write,
         and a drop and re-create), for caches of its rows; None while it does not exist."""
-        try:
-            tbl = self._table(KNOWLEDGE)
-        except StoreError:
-            if KNOWLEDGE not in self._table_names():
-                return None
-            raise
+        tbl = self._knowledge_or_none()
+        return None if tbl is None else self._version_of(tbl)
 
-        def version() -> int:
-            created = int((tbl.schema.metadata or {}).get(CREATED_NS, b"0"))
-            return created << 32 | tbl.version
+    def knowledge_snapshot(self, where: str | None = None,
+                           ) -> tuple[int | None, list[dict[str, Any]], int]:
+        """(knowledge_version(), the rows matching `where`, the table's row count), all read
+        from one version of the table, for caches keyed by the version; (None, [], 0)
+        while the table does not exist."""
+        tbl = self._knowledge_or_none()
+        if tbl is None:
+            return None, [], 0
+        at = self._call(lambda: tbl.version, "read the knowledge table")
+        self._call(lambda: tbl.checkout(at), "read the knowledge table")  # pinned to `at`
+        version = self._version_of(tbl)
 
-        return self._call(version, "read the knowledge table")
+        def read() -> list[dict[str, Any]]:
+            query = tbl.search()
+            return (query.where(where) if where else query).to_arrow().to_pylist()
+
+        rows = self._read(read, KNOWLEDGE, where)
+        return version, rows, self._read(tbl.count_rows, KNOWLEDGE, None)
+
+    def knowledge_text_hits(self, query: str, limit: int = 10, where: str | None = None,
+                            ) -> tuple[int | None, list[dict[str, Any]]]:
+        """The retriever's hot path with one table open instead of two:
+        (knowledge_version(), search_knowledge_text(query, limit, where)) read from the
+        same opened table; (None, []) while the table does not exist."""
+        tbl = self._knowledge_or_none()
+        if tbl is None:
+            return None, []
+        return self._version_of(tbl), self._search_text(tbl, query, limit, where)
 
     def index_knowledge_text(self) -> None:
         """(Re)build the full-text index on knowledge `text` for search_knowledge_text().
@@ -299,9 +318,12 @@ class Store:
                               where: str | None = None) -> list[dict[str, Any]]:
         """Knowledge rows matching `query` by full text (BM25), best first, each with a
         `_score` key and without the vector. Needs index_knowledge_text() once."""
+        return self._search_text(self._table(KNOWLEDGE), query, limit, where)
+
+    def _search_text(self, tbl: Any, query: str, limit: int,
+                     where: str | None) -> list[dict[str, Any]]:
         if not query.strip():
             return []
-        tbl = self._table(KNOWLEDGE)
         columns = list(KNOWLEDGE_TEXT_COLUMNS)  # known names: no schema read on the hot path
 
         def search() -> list[dict[str, Any]]:
@@ -337,6 +359,21 @@ class Store:
         return self._read(search, KNOWLEDGE, where)
 
     # --- internals --------------------------------------------------------------------
+
+    def _knowledge_or_none(self) -> Any:
+        try:
+            return self._table(KNOWLEDGE)
+        except StoreError:
+            if KNOWLEDGE not in self._table_names():
+                return None
+            raise
+
+    def _version_of(self, tbl: Any) -> int:
+        def version() -> int:
+            created = int((tbl.schema.metadata or {}).get(CREATED_NS, b"0"))
+            return created << 32 | tbl.version
+
+        return self._call(version, "read the knowledge table")
 
     def _call(self, fn: Callable[[], T], doing: str) -> T:
         """Run a lance/pyarrow/OS call; any failure becomes a StoreError."""

@@ -368,3 +368,28 @@ def test_knowledge_full_text_search(store, user_error):
     store.upsert("knowledge", [later])  # written after the index: still found
     found = {h["id"] for h in store.search_knowledge_text("紅茶", where=f"persona = {quote('aoi')}")}
     assert found == {tea["id"], later["id"]}
+
+
+def test_knowledge_snapshot_and_text_hits_read_one_version(store):
+    assert store.knowledge_snapshot() == (None, [], 0)
+    assert store.knowledge_text_hits("紅茶") == (None, [])
+    store.knowledge_table(2)
+    tea = {**_fact([1.0, 0.0]), "text": "絢音は毎朝紅茶を飲む"}
+    other = {**_fact([0.0, 1.0], persona="ren"), "text": "蓮も紅茶を飲む"}
+    store.upsert("knowledge", [tea, other])
+    store.index_knowledge_text()
+    where = f"persona = {quote('aoi')}"
+
+    version, rows, total = store.knowledge_snapshot(where)
+    assert version == store.knowledge_version()
+    assert [r["id"] for r in rows] == [tea["id"]] and total == 2
+    assert len(store.knowledge_snapshot()[1]) == 2  # no filter: every row
+
+    version, hits = store.knowledge_text_hits("紅茶", 5, where)
+    assert version == store.knowledge_version()
+    assert hits == store.search_knowledge_text("紅茶", 5, where)
+    assert {h["id"] for h in store.knowledge_text_hits("紅茶", 5)[1]} == {tea["id"], other["id"]}
+
+    store.upsert("knowledge", [{**_fact([1.0, 1.0]), "text": "紅茶をこぼした"}])
+    assert store.knowledge_text_hits("紅茶", 5, where)[0] != version  # sees the write
+    assert store.knowledge_snapshot(where)[2] == 3
