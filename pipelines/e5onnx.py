@@ -260,11 +260,15 @@ def embedder_dir(home: Path | None) -> Path:
 _BUILD_LOCK = threading.Lock()
 
 
+def is_built(home: Path | None = None) -> bool:
+    return (embedder_dir(home) / folder_name() / "meta.json").is_file()
+
+
 def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
     """The built folder, building it first (in a child process) if needed. Only a complete
     build is ever renamed into place, so its presence is enough."""
     target = embedder_dir(home) / folder_name()
-    if (target / "meta.json").is_file():
+    if is_built(home):
         return target
     with _BUILD_LOCK:
         if (target / "meta.json").is_file():

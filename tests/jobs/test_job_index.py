@@ -73,3 +73,14 @@ def test_the_hook_maps_a_kind_to_a_module(fake_jobs, job_file, ctx):
     cfg = load_job(job_file("fast"))
     events = list(get_job("train").run(cfg, ctx))
     assert events[-1].type == "done" and events[-1].summary["steps"] == 3
+
+
+def test_index_job_says_when_it_builds_the_embedder(configs, ctx, monkeypatch):
+    import pipelines.e5onnx as e5onnx
+
+    monkeypatch.setattr(e5onnx, "is_built", lambda home=None: False)  # as on a first run
+    cfg = load_job(configs / "jobs" / "index-tiny.yaml")
+    events = list(get_job("index").run(cfg, ctx))
+    logs = [e.message for e in events if e.type == "log"]
+    assert any("building the e5-onnx embedder" in m for m in logs), logs
+    assert events[-1].type == "done"
