@@ -327,7 +327,8 @@ class E5OnnxEmbedder:
                 self._sessions[threads] = ort.InferenceSession(
                     str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, ...) are bare
-            raise EmbedderError(f"{folder}: cannot load the {NAME} embedder ({exc}); "
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EmbedderError(f"{folder}: cannot load the {NAME} embedder ({reason}); "
                                 "delete the folder to rebuild it") from None
         self.dim = int(meta["hidden"])
         self._bos, self._eos, self._max = meta["bos"], meta["eos"], int(meta["max_tokens"])

@@ -124,8 +124,9 @@ def test_a_damaged_build_folder_says_how_to_recover(onnx, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(onnx.folder, copy)
     (copy / "model.onnx").write_bytes(b"not a model")
-    with pytest.raises(EmbedderError, match="delete the folder to rebuild it"):
+    with pytest.raises(EmbedderError, match="delete the folder to rebuild it") as err:
         E5OnnxEmbedder(folder=copy)
+    assert "\n" not in str(err.value) and str(copy) in str(err.value)
 
 
 def test_unknown_embedder_is_a_config_error():
