@@ -1,8 +1,9 @@
 # kyara — the whole set-up is `make chat` or `make test` (see README.md).
 #
 # Each target builds .venv when missing: torch first (a CPU build where no CUDA GPU is
-# visible, so no multi-GB CUDA wheel is pulled in by accident), then kyara with its extras.
-# A stamp keyed on pyproject.toml's hash makes a second run install nothing.
+# visible, so no multi-GB CUDA wheel is pulled in by accident), then llama-cpp-python from
+# a wheel built for this machine's flags, then kyara with its extras. A stamp keyed on
+# pyproject.toml's hash and on llama.cpp's build key makes a second run install nothing.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -13,14 +14,35 @@ TORCH_CPU   ?= torch==2.13.0
 TORCH_CUDA  ?= torch>=2.11
 EXTRAS      ?= demo,dev
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
-STAMP       := $(VENV)/.kyara-installed-$(PYPROJECT_HASH)
+
+# llama.cpp (llama-cpp-python compiles it; no wheel on PyPI). -march=native stays, AMX goes:
+# llama.cpp's AMX matmul faults in worker threads (ldtilecfg without the per-thread
+# XTILEDATA permission; llama.cpp issue 20824), so a native build on a CPU with AMX
+# segfaults on the first token. -DGGML_AMX_*=OFF is not enough: -march=native turns AMX
+# back on; explicit -mno-amx-* flags win over -march whatever their order (GCC, clang).
+# The user's CMAKE_ARGS are appended as given; where none are given and a CUDA GPU and nvcc
+# are visible, llama.cpp is built with CUDA (GGUF variants then offload every layer).
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_NO_AMX  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(origin CMAKE_ARGS),undefined)
+LLAMA_CMAKE_ARGS := $(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo -DGGML_CUDA=on)
+else
+LLAMA_CMAKE_ARGS := $(CMAKE_ARGS)
+endif
+# The wheel is keyed by everything that decides its machine code: version, flags, and this
+# CPU's feature list (-march=native). pip's own cache is keyed by version only, so it would
+# silently hand back a wheel built with other flags: it is never used for llama-cpp-python.
+LLAMA_KEY := $(shell printf '%s\n' '$(LLAMA_VERSION)' '$(LLAMA_NO_AMX)' '$(subst ','"'"',$(LLAMA_CMAKE_ARGS))' "$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" | sha256sum | cut -c1-16)
+WHEELHOUSE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kyara/wheels
+LLAMA_WHEEL_DIR := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
+STAMP       := $(VENV)/.kyara-installed-$(PYPROJECT_HASH)-$(LLAMA_KEY)
 PYTEST_ARGS ?=
 # CI (CI=true, as .ci/run is started) runs the slow tests too; at a desk `make test` stays fast.
 ifeq ($(CI),true)
 PYTEST_MARK := -m "not gpu"
 endif
 
-.PHONY: chat test test-slow test-all venv doctor lint clean-venv ayane-adapter
+.PHONY: chat test test-slow test-all venv doctor lint clean-venv ayane-adapter rebuild-llama
 
 venv: $(STAMP)
 
@@ -34,7 +56,24 @@ $(STAMP): pyproject.toml
 	else \
 	    echo "kyara: no CUDA GPU visible, installing $(TORCH_CPU)"; $(BIN)/pip install $(TORCH_CPU); \
 	fi
-	@echo "kyara: installing kyara[$(EXTRAS)] (llama-cpp-python compiles on first install: 5-7 min)"
+	@if [ "$$(cat $(VENV)/.kyara-llama-key 2>/dev/null)" != "$(LLAMA_KEY)" ]; then \
+	    if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
+	        echo "kyara: llama-cpp-python in $(VENV) was built with other flags (AMX on, other CMAKE_ARGS or another CPU): replacing it once"; \
+	    fi; \
+	    if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	        echo "kyara: compiling llama-cpp-python $(LLAMA_VERSION) (AMX off; CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),none)): 5-7 min on 2 cores"; \
+	        rm -rf $(LLAMA_WHEEL_DIR).part && mkdir -p $(LLAMA_WHEEL_DIR).part && \
+	        CMAKE_ARGS='$(subst ','"'"',$(LLAMA_CMAKE_ARGS))' CFLAGS="$$CFLAGS $(LLAMA_NO_AMX)" CXXFLAGS="$$CXXFLAGS $(LLAMA_NO_AMX)" \
+	            $(BIN)/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	            -w $(LLAMA_WHEEL_DIR).part "llama-cpp-python==$(LLAMA_VERSION)" && \
+	        rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).part $(LLAMA_WHEEL_DIR) || exit 1; \
+	    else \
+	        echo "kyara: llama-cpp-python $(LLAMA_VERSION) for these flags from $(LLAMA_WHEEL_DIR)"; \
+	    fi; \
+	    $(BIN)/pip install -q --force-reinstall --no-deps $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl || exit 1; \
+	    echo "$(LLAMA_KEY)" > $(VENV)/.kyara-llama-key; \
+	fi
+	@echo "kyara: installing kyara[$(EXTRAS)]"
 	$(BIN)/pip install -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.kyara-installed-*
 	@touch $(STAMP)
@@ -62,5 +101,15 @@ ayane-adapter: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check console pipelines store tests bench
 
+# Compile llama-cpp-python again for this machine (after a crash that `kyara doctor` puts
+# on the engine, or to take up new CMAKE_ARGS by hand): drops its wheel and reinstalls.
+rebuild-llama:
+	rm -rf $(LLAMA_WHEEL_DIR) $(VENV)/.kyara-llama-key $(VENV)/.kyara-installed-*
+	$(MAKE) venv
+
 clean-venv:
 	rm -rf $(VENV)
+
+# `make print-LLAMA_KEY` and the like: what the build decided (tests read it)
+print-%:
+	@echo '$($*)'

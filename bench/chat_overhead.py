@@ -1,11 +1,18 @@
-"""What the chat session costs on top of bare llama-cpp-python (chat engine issue, item 8).
+"""What kyara's chat path costs against llama-cpp-python written by hand (issue 13, item 5).
 
-Same model (the embedded Gemma 3 270M GGUF), same prompt text, greedy, same number of
-tokens; alternating runs, llama.cpp's prefix cache reset before each so both do the same
-prefill. The session arm has retrieval on and logs both turns to a LanceDB store.
+Baseline: bench/bare_llama.py, a separate process a user would write — `Llama` with every
+usable core, the same GGUF, the same adapter, the same rendered prompt, greedy `generate`.
+kyara: a ChatSession with retrieval on, logging both turns to a LanceDB store, its model
+in a worker process (`spawn_backend`, as the console and `kyara ask` run it), every
+setting left at kyara's defaults. The two run alternately on the same questions.
 
-Prints: tokens/s ratio session/bare (goal >= 0.95) and time to first token added by the
-session, p50 (goal <= 30 ms), with the parts: retrieval, store writes, render.
+Measured on this side of each pipe's end: time to first token from the call (kyara: from
+`send()`, so retrieval, the store write, the prompt render and the pipe are in it) and
+decode tokens/s (tokens after the first over the time after the first).
+
+Two pairs: the plain base `gemma3-270m` against a baseline without adapter, and the
+default variant `ayane-270m` with its shipped LoRA against a baseline with the same LoRA.
+Goals: decode tokens/s >= 0.95x the baseline; added time to first token <= 30 ms p50.
 
 Run: .venv/bin/python bench/chat_overhead.py [--runs 10] [--tokens 48]
 """
@@ -15,54 +22,108 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from pipelines.chat import ChatSession, TurnDone
-from pipelines.inference import Delta, GenerationOptions
-from pipelines.inference.registry import load_backend
-from pipelines.retrieval import Retriever, get_embedder, index_persona
-from pipelines.workspace import Workspace
-from store import Store
+from pipelines.chat import ChatSession, TurnDone  # noqa: E402
+from pipelines.inference import Delta, GenerationOptions  # noqa: E402
+from pipelines.inference.embedded import ensure_embedded  # noqa: E402
+from pipelines.inference.registry import resolve_path, spawn_backend  # noqa: E402
+from pipelines.retrieval import Retriever, get_embedder, index_persona  # noqa: E402
+from pipelines.workspace import Workspace  # noqa: E402
+from store import Store  # noqa: E402
 
 QUESTIONS = ["好きなミュージカルは何ですか？", "飼っている犬の名前を教えて。",
              "お兄さんはどこにいるの？", "休日は何をして過ごしますか？"]
 
 
-def bare_run(llm, prompt: str, tokens: int) -> tuple[float, float]:
-    """(ttft seconds, tokens/s) for llama-cpp-python alone on an already rendered prompt."""
-    llm.reset()
-    started = time.perf_counter()
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    first = None
-    n = 0
-    for _ in llm.generate(ids, temp=0.0, top_k=64, top_p=0.95, min_p=0.0, repeat_penalty=1.0):
-        first = first or time.perf_counter()
-        n += 1
-        if n >= tokens:
-            break
-    ended = time.perf_counter()
-    return first - started, (n - 1) / (ended - first)
+class Baseline:
+    """bench/bare_llama.py in its own process."""
+
+    def __init__(self, model: Path, lora: Path | None, n_ctx: int) -> None:
+        command = [sys.executable, str(ROOT / "bench" / "bare_llama.py"), str(model),
+                   "--n-ctx", str(n_ctx)]
+        if lora is not None:
+            command += ["--lora", str(lora)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def run(self, prompt: str, tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
-def session_run(session: ChatSession, llm, question: str, tokens: int):
-    llm.reset()
+def kyara_run(session: ChatSession, question: str, tokens: int) -> dict:
     options = GenerationOptions(max_new_tokens=tokens, temperature=0.0)
     started = time.perf_counter()
-    first = None
-    final = done = None
+    first = last = None
+    final = row = None
     for event in session.send(question, options):
-        if isinstance(event, Delta) and not event.done and first is None:
-            first = time.perf_counter()
-        elif isinstance(event, Delta) and event.done:
-            final = event
+        if isinstance(event, Delta):
+            now = time.perf_counter()
+            if event.done:
+                final, last = event, now
+            elif first is None:
+                first = now
         elif isinstance(event, TurnDone):
-            done = event.message
-    return first - started, final, done
+            row = event.message
+    n = final.completion_tokens
+    return {"ttft_s": first - started, "tokens": n,
+            "tokens_per_s": (n - 1) / (last - first) if n > 1 and last > first else None,
+            "row": row, "retrieval_ms": json.loads(row["options_json"]).get("retrieval_ms")}
+
+
+def compare(ws: Workspace, variant_name: str, store: Store, retriever: Retriever, runs: int,
+            tokens: int) -> dict:
+    home = ws.settings.home_path()
+    variant = ws.variant(variant_name)
+    model = (ensure_embedded(variant.embedded, home) if variant.embedded
+             else resolve_path(variant.path, home))
+    lora = resolve_path(variant.lora_path, home) if variant.lora_path else None
+    backend = spawn_backend(variant, home)
+    baseline = Baseline(model, lora, variant.n_ctx)
+    session = ChatSession(store=store, persona=ws.persona("ayane"), variant=variant,
+                          backend=backend, retriever=retriever, rag=True, history_turns=0)
+    try:
+        warm = kyara_run(session, QUESTIONS[0], 4)  # first load of vectors, caches
+        baseline.run(warm["row"]["rendered_prompt"], 4)
+        k_ttft, k_tps, b_ttft, b_tps, retrieval, same = [], [], [], [], [], 0
+        for i in range(runs):
+            k = kyara_run(session, QUESTIONS[i % len(QUESTIONS)], tokens)
+            b = baseline.run(k["row"]["rendered_prompt"], tokens)
+            k_ttft.append(k["ttft_s"])
+            b_ttft.append(b["ttft_s"])
+            k_tps.append(k["tokens_per_s"])
+            b_tps.append(b["tokens_per_s"])
+            retrieval.append(k["retrieval_ms"] or 0.0)
+            same += k["row"]["content"] == b["text"]
+        added = [(k - b) * 1000 for k, b in zip(k_ttft, b_ttft, strict=True)]
+        return {
+            "variant": variant_name, "lora": lora.name if lora else None,
+            "threads": (backend.info.get("settings") or {}).get("n_threads"),
+            "baseline_threads": baseline.info["n_threads"],
+            "kyara_tps": statistics.median(k_tps), "base_tps": statistics.median(b_tps),
+            "ratio": statistics.median(k_tps) / statistics.median(b_tps),
+            "kyara_ttft_ms": statistics.median(k_ttft) * 1000,
+            "base_ttft_ms": statistics.median(b_ttft) * 1000,
+            "added_ms": statistics.median(added), "retrieval_ms": statistics.median(retrieval),
+            "same_text": same, "runs": runs,
+        }
+    finally:
+        backend.close()
+        baseline.close()
 
 
 def main() -> None:
@@ -70,42 +131,25 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args()
-    ws = Workspace.load()
+    ws = Workspace.load(ROOT / "configs")
     data = ws.persona_data("ayane")
-    variant = ws.variant("gemma3-270m")
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        store = Store.open(home / "store")
+        store = Store.open(Path(tmp) / "store")
         embedder = get_embedder(home=ws.settings.home_path())  # the default, e5-onnx
         index_persona(store, "ayane", data.knowledge, embedder)
-        backend = load_backend(variant, ws.settings.home_path())
-        llm = backend.llm
-        session = ChatSession(store=store, persona=data.persona, variant=variant,
-                              backend=backend, retriever=Retriever(store, "ayane", embedder),
-                              rag=True, history_turns=0)
-        session_run(session, llm, QUESTIONS[0], 4)  # warm-up: first load of vectors etc.
-        bare_ttft, bare_tps, ses_ttft, ses_tps, retrieval = [], [], [], [], []
-        for i in range(args.runs):
-            q = QUESTIONS[i % len(QUESTIONS)]
-            ttft, final, row = session_run(session, llm, q, args.tokens)
-            # the engine's own ttft counts from its stream() call; the session's from send()
-            ses_ttft.append(ttft)
-            ses_tps.append(final.tokens_per_s)
-            retrieval.append(json.loads(row["options_json"]).get("retrieval_ms", 0.0))
-            b_ttft, b_tps = bare_run(llm, row["rendered_prompt"], args.tokens)
-            bare_ttft.append(b_ttft)
-            bare_tps.append(b_tps)
-        added = [(s - b) * 1000 for s, b in zip(ses_ttft, bare_ttft, strict=True)]
-        ratio = statistics.median(ses_tps) / statistics.median(bare_tps)
-        print(f"runs {args.runs}, {args.tokens} tokens each, retrieval on, store logging on")
-        print(f"bare llama-cpp-python: ttft p50 {statistics.median(bare_ttft) * 1000:.1f} ms, "
-              f"{statistics.median(bare_tps):.1f} tok/s")
-        print(f"chat session:          ttft p50 {statistics.median(ses_ttft) * 1000:.1f} ms, "
-              f"{statistics.median(ses_tps):.1f} tok/s")
-        print(f"tokens/s ratio session/bare: {ratio:.3f} (goal >= 0.95)")
-        print(f"added time to first token: p50 {statistics.median(added):.1f} ms "
-              f"(goal <= 30 ms); of which retrieval p50 {statistics.median(retrieval):.1f} ms")
-        backend.close()
+        retriever = Retriever(store, "ayane", embedder)
+        print(f"{args.runs} runs of {args.tokens} tokens each, greedy, retrieval on, "
+              "store logging on; kyara through its worker process, baseline in its own")
+        for name in ("gemma3-270m", "ayane-270m"):
+            r = compare(ws, name, store, retriever, args.runs, args.tokens)
+            print(f"\n{r['variant']} (adapter: {r['lora'] or 'none'}; threads kyara "
+                  f"{r['threads']}, baseline {r['baseline_threads']})")
+            print(f"  baseline: ttft p50 {r['base_ttft_ms']:.1f} ms, {r['base_tps']:.1f} tok/s")
+            print(f"  kyara:    ttft p50 {r['kyara_ttft_ms']:.1f} ms, {r['kyara_tps']:.1f} tok/s")
+            print(f"  tokens/s ratio kyara/baseline: {r['ratio']:.3f} (goal >= 0.95)")
+            print(f"  added time to first token p50: {r['added_ms']:.1f} ms (goal <= 30 ms), "
+                  f"of which retrieval p50 {r['retrieval_ms']:.1f} ms")
+            print(f"  same text as the baseline: {r['same_text']}/{r['runs']}")
 
 
 if __name__ == "__main__":

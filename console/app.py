@@ -83,7 +83,8 @@ class KyaraApp(App[None]):
     def __init__(self, session: Any, *, variants: dict[str, Any], backend_loader: Any,
                  judge: Any = None, judge_note: str | None = None,
                  export_dir: Path | None = None, keymap: dict[str, str] | None = None,
-                 compare_spec: list[str] | None = None, workspace: Any = None) -> None:
+                 compare_spec: list[str] | None = None, workspace: Any = None,
+                 config_problems: list[str] | None = None) -> None:
         super().__init__()
         self.session = session
         self.variants = variants  # name -> Variant config
@@ -95,6 +96,7 @@ class KyaraApp(App[None]):
         self._keymap = keymap or {}
         self.compare_spec = compare_spec or []
         self.workspace = workspace  # for the jobs screen and re-reading variants
+        self.config_problems = list(config_problems or [])  # files left out, one line each
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
         self.last_final: Any = None
@@ -115,6 +117,17 @@ class KyaraApp(App[None]):
         self.query_one("#prompt", Input).focus()
         self.refresh_status()
         self.load_history()
+        for line in self.config_problems:  # a bad file is named, never fatal
+            self.notify(f"left out: {line}", severity="warning", markup=False, timeout=15)
+
+    def on_unmount(self) -> None:
+        """Loaded models live in worker processes: let them go with the console."""
+        for backend in {id(b): b for b in self.backends.values()}.values():
+            if hasattr(backend, "stream"):
+                try:
+                    backend.close()
+                except Exception:
+                    pass
 
     @property
     def criteria(self) -> list[str]:
@@ -179,7 +192,8 @@ class KyaraApp(App[None]):
     def extra_commands(self):
         if self.workspace is None:
             return
-        for name, path in self.workspace.job_files().items():
+        jobs, _ = self.workspace.jobs()  # a bad job file is left out (named at start-up)
+        for name, path in jobs.items():
             yield SystemCommand(f"Run job: {name}", f"start {path.name} as a detached job",
                                 lambda p=path: self.start_job(p))
 
@@ -205,14 +219,12 @@ class KyaraApp(App[None]):
         """A finished job may have registered a variant: offer it at once."""
         if self.workspace is None:
             return
-        from pipelines.config import ConfigError
-
         known = set(self.variants)
-        try:
-            self.variants = {n: self.workspace.variant(n) for n in self.workspace.variant_files()}
-        except ConfigError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
+        self.variants, problems = self.workspace.variants()
+        for line in problems:
+            if line not in self.config_problems:
+                self.config_problems.append(line)
+                self.notify(f"left out: {line}", severity="warning", markup=False, timeout=15)
         for name in sorted(set(self.variants) - known):
             self.notify(f"new variant: {name} (ctrl+t to use it)", markup=False)
 
@@ -480,16 +492,25 @@ class KyaraApp(App[None]):
 
 def run_app(workspace: Any, persona: Any, variant: Any, resume: str | None = None) -> None:
     """Build the session from the user's configuration and run the app."""
+    build_app(workspace, persona, variant, resume).run()
+
+
+def build_app(workspace: Any, persona: Any, variant: Any, resume: str | None = None
+              ) -> KyaraApp:
+    """The app, ready to run. A bad variant, judge, criterion or job file (not the one in
+    use) is left out and named in a notification; user errors raise as one line."""
     from pipelines.chat import open_session
-    from pipelines.inference.registry import load_backend
+    from pipelines.inference.registry import spawn_backend
 
     session = open_session(workspace, persona=persona.id, variant=variant.name, resume=resume)
-    variants = {name: workspace.variant(name) for name in workspace.variant_files()}
+    variants, _ = workspace.variants()
+    variants.setdefault(variant.name, variant)
     home = workspace.settings.home_path()
     judge, note = make_judge(workspace, session)
-    KyaraApp(session, variants=variants, backend_loader=lambda v: load_backend(v, home),
-             judge=judge, judge_note=note, keymap=workspace.settings.keymap.model_dump(),
-             compare_spec=workspace.settings.compare, workspace=workspace).run()
+    return KyaraApp(session, variants=variants, backend_loader=lambda v: spawn_backend(v, home),
+                    judge=judge, judge_note=note, keymap=workspace.settings.keymap.model_dump(),
+                    compare_spec=workspace.settings.compare, workspace=workspace,
+                    config_problems=workspace.problems())
 
 
 def make_judge(workspace: Any, session: Any) -> tuple[Any, str | None]:

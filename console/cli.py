@@ -110,17 +110,19 @@ def chat(
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Open the chat console on the default persona and model variant."""
+    from console.app import build_app
     from pipelines.workspace import Workspace
 
+    # Only the persona and variant in use stop start-up (one line, exit 2); any other bad
+    # file is left out and named in the console.
     try:
         ws = Workspace.load(configs)
         p = ws.persona(persona)
         v = ws.variant(variant)
+        console_app = build_app(ws, persona=p, variant=v, resume=resume)
     except _user_errors() as exc:
         fail(str(exc))
-    from console.app import run_app
-
-    run_app(ws, persona=p, variant=v, resume=resume)
+    console_app.run()
 
 
 @app.command()
@@ -184,11 +186,14 @@ def ask(
     temperature: Optional[float] = typer.Option(None, help="override the variant's setting"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
-    """Stream one reply to stdout; stop reason and speed go to stderr. Logged to the store."""
+    """Stream one reply to stdout; stop reason and speed go to stderr. Logged to the store.
+    Exit 1 when the model failed while generating (its process crashed, say), 2 when the
+    request or the set-up is wrong (no such variant, a missing model file)."""
     from pipelines.chat import Retrieved, TurnDone, open_session
     from pipelines.inference import GenerationOptions
     from pipelines.workspace import Workspace
 
+    session = None
     try:
         ws = Workspace.load(configs)
         session = open_session(ws, persona=persona, variant=variant, rag=rag)
@@ -208,10 +213,15 @@ def ask(
         sys.stdout.write("\n")
     except _user_errors() as exc:
         fail(str(exc))
+    finally:
+        backend = getattr(session, "backend", None)
+        if hasattr(backend, "stream"):
+            backend.close()  # the model's worker process ends with the command
     if done is None:
         fail("no reply")
     if done["status"] == "error":
-        fail(done["error"] or "generation failed")
+        # a rendered prompt means the model was running: a failure of the model, not the request
+        fail(done["error"] or "generation failed", 1 if done.get("rendered_prompt") else 2)
     speed = (f", {done['completion_tokens']} tokens, {done['tokens_per_s']:.1f} tok/s, "
              f"first token {done['ttft_ms']:.0f} ms" if done["tokens_per_s"] else "")
     err.print(f"[dim]stop: {done['stop_reason']}{speed}; session {done['session_id']}[/]",

@@ -97,10 +97,13 @@ def list_cmd(
     from console import jobs
 
     try:
-        _, store = _open(configs)
+        ws, store = _open(configs)
         runs = jobs.list_runs(store, limit=limit)
+        _, problems = ws.jobs()
     except _user_errors() as exc:
         _fail(str(exc))
+    for line in problems:  # a job file that does not load is named, never fatal
+        err.print(Text(f"kyara: skipped job file: {line}"), soft_wrap=True)
     if not runs:
         out.print("no runs yet (kyara jobs run configs/jobs/<file>.yaml)")
         return

@@ -171,7 +171,11 @@ class JobsScreen(Screen[None]):
     # --- actions ------------------------------------------------------------------------
 
     def job_files(self) -> dict[str, Path]:
-        return self.workspace.job_files()
+        """The job files that load; each bad one is named in a notification, left out."""
+        jobs, problems = self.workspace.jobs()
+        for line in problems:
+            self.notify(f"left out: {line}", severity="warning", markup=False, timeout=10)
+        return jobs
 
     def action_new_job(self) -> None:
         if self.query("#job-picker"):
@@ -184,7 +188,9 @@ class JobsScreen(Screen[None]):
     @on(OptionList.OptionSelected, "#job-picker")
     def job_chosen(self, event: OptionList.OptionSelected) -> None:
         event.option_list.remove()
-        self.start_job(self.job_files()[str(event.option.id)])
+        path = self.workspace.job_files().get(str(event.option.id))
+        if path is not None:
+            self.start_job(path)  # a file broken since the list was shown: launch says so
 
     def start_job(self, path: Path) -> None:
         from console.jobs import LaunchError, launch

@@ -240,7 +240,7 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
                  store: Store | None = None, backend: ChatBackend | None = None) -> ChatSession:
     """Everything a chat needs, from the user's configuration: persona, variant, backend,
     store, and a retriever when the persona has been indexed."""
-    from pipelines.inference.registry import load_backend
+    from pipelines.inference.registry import spawn_backend
 
     settings = workspace.settings
     p = workspace.persona(persona)
@@ -253,7 +253,7 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
                            f"(run: kyara index {p.id})")
     home = settings.home_path()
     kwargs = dict(persona=p, variant=v, retriever=retriever, rag=rag,
-                  backend=backend or (lambda: load_backend(v, home)))
+                  backend=backend or (lambda: spawn_backend(v, home)))
     if resume:
         return ChatSession.resume(store, resume, **kwargs)
     return ChatSession(store=store, **kwargs)

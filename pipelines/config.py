@@ -330,6 +330,9 @@ class HFVariant(_VariantBase):
     attn_implementation: Literal["eager", "sdpa"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     load_in_4bit: bool = False
+    n_threads: int | None = Field(
+        None, gt=0, description="torch threads on the CPU; unset: every core this process may use"
+    )
 
 
 class GGUFVariant(_VariantBase):
@@ -342,9 +345,14 @@ class GGUFVariant(_VariantBase):
     chat_template: str | None = Field(
         None, description="a named template (gemma), a .jinja file, or inline Jinja"
     )
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = Field(
+        None, description="layers on the GPU; unset: all when llama.cpp was built with GPU "
+        "offload, else 0"
+    )
     n_ctx: int = Field(2048, gt=0)
-    n_threads: int | None = None
+    n_threads: int | None = Field(
+        None, gt=0, description="decode threads; unset: every core this process may use"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> GGUFVariant:

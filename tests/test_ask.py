@@ -55,3 +55,27 @@ def test_ask_bad_requests_are_one_line(args, expect):
     proc = run_kyara("ask", "こんにちは", *args)
     assert proc.returncode == 2
     assert expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ask_against_a_crashing_model_process_is_exit_1_and_one_line(tmp_path):
+    """The model's worker segfaults mid-reply: `kyara ask` itself is no bare segfault
+    (exit 139); it says which variant died of what, in one line, and keeps both turns."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    model = tmp_path / "standin.gguf"
+    model.write_bytes(b"GGUF")
+    (configs / "models" / "standin.yaml").write_text(
+        f"name: standin\nbackend: gguf\npath: {model}\nchat_template: gemma\n", encoding="utf-8")
+    proc = run_kyara("ask", "crash now", "--variant", "standin", "--configs", str(configs),
+                     env={"KYARA_BACKEND_MODULES":
+                          "gguf=tests.inference.standin_backends:CrashBackend"})
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "variant 'standin'" in lines[0] and "killed by SIGSEGV" in lines[0]
+    assert proc.stdout.startswith("ごきげん")  # what streamed before the crash was shown
+    rows = _messages(tmp_path / "home")
+    assert rows[0]["content"] == "crash now"
+    assert rows[1]["status"] == "error" and rows[1]["content"] == "ごきげん"

@@ -9,6 +9,7 @@ generation then stops within one token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -17,6 +18,15 @@ from pipelines.config import Generation
 
 StopReason = Literal["eos", "length", "cancel", "error"]
 Message = dict[str, Any]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's
+    limit), which is what a decode loop should use; os.cpu_count() counts the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class BackendError(Exception):

@@ -20,6 +20,21 @@ EMBEDDED = {
 }
 
 
+# folder under <home>/models -> the embedded GGUF it is dequantised from (on first use, by
+# pipelines.inference.sources; the quick-start train job's `dequantize_from` does the same)
+DEQUANTIZED = {
+    "gemma-3-270m-hf": "gemma3-270m",
+}
+
+
+def dequantized_source(path: Path, home: Path) -> str | None:
+    """The embedded GGUF that the folder `path` is made from, or None for any other path."""
+    folder = Path(path)
+    if folder.parent.resolve() != (Path(home) / "models").resolve():
+        return None
+    return DEQUANTIZED.get(folder.name)
+
+
 def embedded_path(name: str, home: Path) -> Path:
     return Path(home) / "models" / EMBEDDED[name][1]
 

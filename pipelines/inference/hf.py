@@ -45,10 +45,10 @@ from pipelines.inference.base import (
     GenerationOptions,
     Message,
     final_delta,
+    usable_cores,
 )
 from pipelines.inference.registry import (
     GenerationLock,
-    looks_like_hub_id,
     render_for_model,
     resolve_path,
 )
@@ -190,6 +190,12 @@ class HFBackend:
         source = self._source()
         device = self._device()
         dtype = self._dtype(device)
+        if device == "cpu":
+            # every usable core, as llama.cpp variants get (torch counts the machine's)
+            self.n_threads = variant.n_threads or usable_cores()
+            torch.set_num_threads(self.n_threads)
+        else:
+            self.n_threads = None
         try:
             config = AutoConfig.from_pretrained(source)
         except Exception as exc:
@@ -226,12 +232,9 @@ class HFBackend:
     # --- set-up -------------------------------------------------------------------------
 
     def _source(self) -> str:
-        path = resolve_path(self.variant.model, self.home)
-        if path.exists():
-            return str(path.resolve())
-        if looks_like_hub_id(self.variant.model):
-            return self.variant.model  # from the Hugging Face cache (nothing downloads offline)
-        raise BackendError(f"variant {self.name!r}: model directory not found: {path}")
+        from pipelines.inference.sources import resolve_hf_model
+
+        return resolve_hf_model(self.variant.model, self.home, variant=self.name)
 
     def _device(self) -> str:
         wanted = self.variant.device

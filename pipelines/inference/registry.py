@@ -29,9 +29,26 @@ class ChatTemplateError(BackendError, TemplateError):
     console, a TemplateError for whoever asks about templates."""
 
 
+ENV_BACKENDS = "KYARA_BACKEND_MODULES"
+
+
+def backend_classes() -> dict[str, str]:
+    """BACKENDS, with `KYARA_BACKEND_MODULES="kind=module:Class,..."` laid over it: how
+    tests put a stand-in backend (one that crashes on purpose) behind a real variant,
+    reachable from the worker processes the console starts."""
+    classes = dict(BACKENDS)
+    for item in filter(None, os.environ.get(ENV_BACKENDS, "").split(",")):
+        kind, _, target = item.partition("=")
+        if not kind or ":" not in target:
+            raise BackendError(f"{ENV_BACKENDS}: expected kind=module:Class, found {item!r}")
+        classes[kind.strip()] = target.strip()
+    return classes
+
+
 def backend_class(kind: str) -> type:
+    classes = backend_classes()
     try:
-        module_name, _, class_name = BACKENDS[kind].partition(":")
+        module_name, _, class_name = classes[kind].partition(":")
     except KeyError:
         raise BackendError(
             f"unknown backend {kind!r} (expected one of: {', '.join(BACKENDS)})"
@@ -48,10 +65,16 @@ def resolve_path(value: str, home: Path | None) -> Path:
     return path
 
 
+# The folders kyara writes under its home: `models/x` is a path there, never a hub id.
+KYARA_HOME_DIRS = ("models", "runs", "exports", "merges", "evolve", "tools", "store")
+
+
 def looks_like_hub_id(value: str) -> bool:
-    """`org/name`: not a path the user typed (no leading ./, ~ or /, exactly one slash)."""
+    """`org/name`: not a path the user typed (no leading ./, ~ or /, exactly one slash, and
+    `org` is not a folder kyara keeps in its home). See sources.resolve_hf_model."""
     return (
         value.count("/") == 1 and not value.startswith((".", "~", "/", "$")) and "\\" not in value
+        and value.split("/", 1)[0] not in KYARA_HOME_DIRS
     )
 
 
@@ -68,13 +91,24 @@ def load_backend(variant: Variant, home: Path) -> ChatBackend:
             _require(resolve_path(variant.lora_path, home), variant.name, "LoRA file")
         return backend_class("gguf")(variant, home)
     if isinstance(variant, HFVariant):
-        model = resolve_path(variant.model, home)
-        if not model.exists() and not looks_like_hub_id(variant.model):
-            _require(model, variant.name, "model directory")
+        from pipelines.inference.sources import resolve_hf_model
+
+        resolve_hf_model(variant.model, home, variant=variant.name)  # fails at once, one line
         if variant.adapter:
             _require(resolve_path(variant.adapter, home), variant.name, "adapter directory")
         return backend_class("hf")(variant, home)
     return backend_class(variant.backend)(variant)
+
+
+def spawn_backend(variant: Variant, home: Path) -> ChatBackend:
+    """The backend the console and `kyara ask` use: a local model (hf, gguf) in its own
+    worker process, so a native crash or the OOM killer ends that process, not theirs; a
+    remote one (openai: HTTP only) in this process."""
+    if isinstance(variant, (GGUFVariant, HFVariant)):
+        from pipelines.inference.worker import WorkerBackend
+
+        return WorkerBackend(variant, home)
+    return load_backend(variant, home)
 
 
 def _require(path: Path, variant: str, what: str) -> None:

@@ -36,22 +36,15 @@ def output_dir(cfg: ExportJob, home: Path) -> Path:
 
 
 def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | None]:
-    from pipelines.inference.registry import looks_like_hub_id, resolve_path
+    from pipelines.inference.registry import resolve_path
+    from pipelines.inference.sources import resolve_hf_model
 
     variant = ctx.workspace.variant(cfg.variant)
     if not isinstance(variant, HFVariant):
         raise ConfigError(f"variant: '{cfg.variant}' is a {variant.backend} variant; export "
                           "takes an hf variant (a model folder, optionally with an adapter)")
-    model = resolve_path(variant.model, ctx.home)
-    if not model.exists() and looks_like_hub_id(variant.model):
-        from huggingface_hub import snapshot_download
-
-        try:
-            model = Path(snapshot_download(variant.model, local_files_only=True))
-        except Exception:
-            raise ConfigError(f"variant '{cfg.variant}': model {variant.model} is not in the "
-                              "local Hugging Face cache (load it once in the console first)") \
-                from None
+    # a folder: the converter reads files (a hub id must be in the local cache)
+    model = Path(resolve_hf_model(variant.model, ctx.home, variant=variant.name, local=True))
     adapter = resolve_path(variant.adapter, ctx.home) if variant.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"variant '{cfg.variant}': {adapter} is not a PEFT adapter folder "

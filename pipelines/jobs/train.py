@@ -64,7 +64,8 @@ def base_variant(ctx: JobContext, cfg: TrainJob) -> HFVariant:
 
 def ensure_base_files(ctx: JobContext, cfg: TrainJob, base: HFVariant) -> tuple[Path | str, str | None]:
     """The base model's folder (or hub id), and a note when it was dequantised now."""
-    from pipelines.inference.registry import looks_like_hub_id, resolve_path
+    from pipelines.inference.registry import resolve_path
+    from pipelines.inference.sources import resolve_hf_model
 
     path = resolve_path(base.model, ctx.home)
     if path.exists():
@@ -84,9 +85,8 @@ def ensure_base_files(ctx: JobContext, cfg: TrainJob, base: HFVariant) -> tuple[
 
         dequantize_gguf(gguf, path)
         return path, f"dequantised {gguf.name} into {path} (once; later runs reuse it)"
-    if looks_like_hub_id(base.model):
-        return base.model, None
-    raise ConfigError(f"base: the model folder of variant '{cfg.base}' does not exist: {path}")
+    # a folder kyara makes (made now), a hub id (cached, or online), else one line at once
+    return resolve_hf_model(base.model, ctx.home, variant=base.name), None
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -88,6 +88,13 @@ class LiveJudge:
         if not name:
             return None, "no judge: set default_judge in configs/kyara.yaml"
         try:
-            return cls(Judge.open(workspace, name, persona.id, store=store)), None
+            config = workspace.judge(name)
+            # A criterion file that does not load is left out (the console names it); the
+            # judge scores the others. With none left, opening says what is wrong.
+            good, _ = workspace.criteria()
+            broken = set(workspace.criterion_files()) - set(good)
+            usable = [c for c in config.criteria if c not in broken] or None
+            return cls(Judge.open(workspace, name, persona.id, criteria=usable,
+                                  store=store, isolated=True)), None
         except (JudgeError, ConfigError) as exc:
             return None, f"no judge: {exc}"

@@ -85,8 +85,14 @@ class Provider(Protocol):
 
 
 def make_provider(config: JudgeConfig, *, home: Path | None = None,
-                  env: Mapping[str, str] | None = None) -> Provider:
+                  env: Mapping[str, str] | None = None, isolated: bool = False) -> Provider:
+    """isolated=True runs a local model in its own worker process (the console does: a
+    crash there is a failed verdict, not a dead console); HTTP providers stay in process."""
     if config.provider == "llama_cpp":
+        if isolated:
+            from pipelines.inference.worker import WorkerProvider
+
+            return WorkerProvider(config, home=home)
         return LlamaCppProvider(config, home=home)
     return OpenAIProvider(config, env=env)
 

@@ -121,14 +121,16 @@ class Judge:
     def __init__(self, config: JudgeConfig, criteria: Mapping[str, Criterion],
                  data: PersonaData, *, store: Any = None, provider: Provider | None = None,
                  home: Path | None = None, backoff_s: float = 0.5, backoff_cap_s: float = 20.0,
-                 retry_after_cap_s: float = 60.0, flush_s: float = 0.2) -> None:
+                 retry_after_cap_s: float = 60.0, flush_s: float = 0.2,
+                 isolated: bool = False) -> None:
         self.config = config
         self.criteria = dict(criteria)
         self.data = data
         self.persona = data.persona
         self.store = store
         self.home = home
-        self.provider = provider or make_provider(config, home=home)
+        # isolated: a local model in a worker process (the console's live judge)
+        self.provider = provider or make_provider(config, home=home, isolated=isolated)
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
         self.retry_after_cap_s = retry_after_cap_s

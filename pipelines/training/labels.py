@@ -38,13 +38,10 @@ def load_tokenizer(variant: HFVariant, home: Path) -> tuple[Any, str]:
     """The variant's tokenizer and its model type (for the template fallback)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipelines.inference.registry import looks_like_hub_id, resolve_path
+    from pipelines.inference.sources import resolve_hf_model
 
-    path = resolve_path(variant.model, home)
-    if not path.exists() and not looks_like_hub_id(variant.model):
-        raise ConfigError(f"variant '{variant.name}': model folder not found: {path} (the "
-                          "quick-start job creates the dequantised Gemma 3 270M folder)")
-    source = str(path) if path.exists() else variant.model
+    # one line at once when the model is nowhere (made first when kyara knows how)
+    source = resolve_hf_model(variant.model, home, variant=variant.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model_type = AutoConfig.from_pretrained(source).model_type

@@ -69,3 +69,35 @@ def test_chat_resume_in_a_real_terminal(home):
     text = wait_for(lambda s: "好きなミュージカルは？" in s)
     assert "小野寺絢音" in text
     tmux("send-keys", "-t", "k", "C-q")
+
+
+def test_a_crashing_model_process_leaves_the_console_up(home, tmp_path):
+    """The model's worker segfaults mid-reply (a stand-in that reads address 0, as llama.cpp's
+    AMX path did): the console stays, names the crash in one line, and answers the next
+    question from a fresh worker."""
+    import shutil
+
+    from tests.inference.standin_backends import REPLY
+
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    model = tmp_path / "standin.gguf"
+    model.write_bytes(b"GGUF")
+    (configs / "models" / "standin.yaml").write_text(
+        f"name: standin\nbackend: gguf\npath: {model}\nchat_template: gemma\n", encoding="utf-8")
+    command = (f"cd {REPO} && KYARA_HOME={home} KYARA_CONFIGS={configs} "
+               "KYARA_BACKEND_MODULES=gguf=tests.inference.standin_backends:CrashBackend "
+               f"{sys.executable} -m console chat --variant standin")
+    tmux("new-session", "-d", "-s", "k", "-x", "100", "-y", "30", command)
+    wait_for(lambda s: "standin" in s and "Quit" in s)
+    tmux("send-keys", "-t", "k", "crash now", "Enter")
+    wait_for(lambda s: "SIGSEGV" in s, timeout=60)
+    tmux("send-keys", "-t", "k", "こんにちは", "Enter")
+    text = wait_for(lambda s: REPLY in s, timeout=60)
+    assert "crash now" in text
+    tmux("send-keys", "-t", "k", "C-q")
+    time.sleep(1.5)
+    rows = sorted(Store.open(home / "store").rows("messages"), key=lambda r: r["seq"])
+    assert [(r["role"], r["status"]) for r in rows] == [
+        ("user", "complete"), ("assistant", "error"), ("user", "complete"),
+        ("assistant", "complete")]

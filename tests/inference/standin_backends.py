@@ -1,0 +1,64 @@
+"""Stand-in ChatBackends for the worker-process tests, put behind a real variant with
+`KYARA_BACKEND_MODULES="gguf=tests.inference.standin_backends:CrashBackend"` (the worker
+processes the console starts read it too).
+
+CrashBackend answers like a model, a character at a time; a question containing `crash`
+makes it stream a few characters and then crash natively (a NULL read: SIGSEGV), one
+containing `abort` calls os.abort() (SIGABRT) the same way; with KYARA_STANDIN_CRASH=1
+every question crashes (for `kyara doctor`, whose question is fixed)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.inference.base import Delta, GenerationOptions
+
+REPLY = "ごきげんよう、絢音ですわ。"
+PARTIAL = "ごきげん"  # what streams before a crash
+
+
+class CrashBackend:
+    def __init__(self, variant: Any, home: Path | None = None) -> None:
+        self.variant = variant
+        self.name = variant.name
+        self.last: Delta | None = None
+        self.settings = {"n_threads": 1, "n_threads_source": "stand-in", "n_gpu_layers": 0,
+                         "n_gpu_layers_source": "stand-in", "gpu_offload": False}
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<model>"
+
+    def stream(self, messages: Sequence[dict[str, Any]], options: GenerationOptions
+               ) -> Iterator[Delta]:
+        question = messages[-1]["content"]
+        if os.environ.get("KYARA_STANDIN_CRASH") == "1":
+            question += " crash"
+        started = time.perf_counter()
+        sent: list[str] = []
+        delay = float(os.environ.get("KYARA_STANDIN_DELAY", "0.01"))
+        try:
+            for char in REPLY[: options.max_new_tokens]:
+                if "".join(sent) == PARTIAL and ("crash" in question or "abort" in question):
+                    time.sleep(0.2)  # let the partial reply reach the consumer first
+                    if "abort" in question:
+                        os.abort()
+                    ctypes.string_at(0)  # SIGSEGV: a native crash, as llama.cpp's AMX path
+                time.sleep(delay)
+                sent.append(char)
+                yield Delta(text=char)
+        except GeneratorExit:
+            self.last = Delta(done=True, stop_reason="cancel", completion_tokens=len(sent))
+            raise
+        self.last = Delta(done=True, stop_reason="eos", stop_token="<end_of_turn>",
+                          prompt_tokens=len(question), completion_tokens=len(sent),
+                          ttft_s=0.001, tokens_per_s=100.0,
+                          extra={"pid": os.getpid(), "elapsed": time.perf_counter() - started})
+        yield self.last
+
+    def close(self) -> None:
+        pass
