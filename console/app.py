@@ -254,6 +254,13 @@ class KyaraApp(App[None]):
         name = session.variant.name
         if not hasattr(session.backend, "stream"):
             session.backend = self.backends.get(name) or session.backend
+        if not hasattr(session.backend, "stream") and self.workspace is not None:
+            from pipelines.inference.sources import making_notice
+
+            # a model made on first use (the dequantised 270M) takes a minute: say so
+            notice = making_notice(session.variant, self.workspace.settings.home_path())
+            if notice:
+                self.call_from_thread(self.notify, notice, markup=False, timeout=15)
         buffer: list[str] = []
         last_flush = time.monotonic()
         final = message = None

@@ -72,12 +72,17 @@ def inspect(
     """Print training examples as the model sees them: one token a line, trained or
     masked. Exit 1 when the label check would refuse to train on them."""
     from pipelines.config import ConfigError
+    from pipelines.inference.sources import making_notice
     from pipelines.prompting import TemplateError
     from pipelines.training.labels import inspect_file
     from pipelines.workspace import Workspace
 
     try:
-        shown = inspect_file(Workspace.load(configs), data, variant, persona=persona,
+        ws = Workspace.load(configs)
+        notice = making_notice(ws.variant(variant), ws.settings.home_path())
+        if notice:  # the dequantised Gemma 3 270M on a fresh home: made now, once
+            err.print(f"kyara: {escape(notice)}", soft_wrap=True)
+        shown = inspect_file(ws, data, variant, persona=persona,
                              start=index - 1, count=count, prep=prep, system_prompt=system,
                              max_seq_len=max_seq_len)
     except (ConfigError, TemplateError) as exc:

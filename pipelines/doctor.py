@@ -156,7 +156,8 @@ def check_workspace(ws) -> list[Check]:
                         f"{', '.join(personas) or 'none'} (default {ws.settings.default_persona})"))
     variants = list(ws.variant_files())
     status = "ok" if ws.settings.default_variant in variants else "fail"
-    detail = f"{', '.join(variants) or 'none'} (default {ws.settings.default_variant})"
+    loaded = list(ws.variants()[0])  # the console's list: a bad file is left out (below)
+    detail = f"{', '.join(loaded) or 'none'} (default {ws.settings.default_variant})"
     if status == "ok":
         try:
             default = ws.variant()

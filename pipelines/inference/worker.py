@@ -300,6 +300,7 @@ class WorkerBackend:
                       "home": str(self.home) if self.home is not None else None}
         self._env = env
         self.last: Delta | None = None
+        self._start_lock = threading.Lock()  # the chat and a comparison may both restart it
         self.process = self._start()
 
     def _start(self) -> ModelProcess:
@@ -313,9 +314,10 @@ class WorkerBackend:
         return self.process.info
 
     def _ready(self) -> ModelProcess:
-        if not self.process.alive:
-            self.process = self._start()
-        return self.process
+        with self._start_lock:
+            if not self.process.alive:
+                self.process = self._start()
+            return self.process
 
     def render(self, messages: Sequence[Message]) -> str:
         return self._ready().request("render", "rendering the prompt", messages=list(messages))

@@ -165,6 +165,7 @@ def test_doctor_names_each_bad_file(bad_configs):
         assert sum(name in c.detail for c in bad) == 1
     variants = next(c for c in checks if c.name == "model variants")
     assert variants.status == "ok"  # the default variant is fine
+    assert "gemma3-270m" in variants.detail and "broken-variant" not in variants.detail
 
 
 def test_jobs_cli_lists_with_a_bad_job_file(bad_configs):

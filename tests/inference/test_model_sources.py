@@ -214,3 +214,28 @@ def test_data_inspect_names_the_missing_model_at_once(tmp_path):
         assert len(lines) == 1 and expect in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr
         assert elapsed < 30  # interpreter start and imports only: no retry loop
+
+
+def test_the_notice_before_making_a_folder(tmp_path):
+    variant = HFVariant(name="gemma3-270m-hf", backend="hf", model="models/gemma-3-270m-hf")
+    notice = sources.making_notice(variant, tmp_path)
+    assert notice.startswith(f"making {tmp_path / 'models' / 'gemma-3-270m-hf'} from the "
+                             "embedded GGUF 'gemma3-270m'")
+    (tmp_path / "models" / "gemma-3-270m-hf").mkdir(parents=True)
+    assert sources.making_notice(variant, tmp_path) is None  # made: nothing to say
+    other = HFVariant(name="o", backend="hf", model="models/other")
+    assert sources.making_notice(other, tmp_path) is None
+
+
+@pytest.mark.slow
+def test_data_inspect_on_a_fresh_home_makes_the_dequantised_model(tmp_path):
+    """The report of issue 13: a minute in huggingface_hub's retry loop, then a long error.
+    Now the folder is made (once) and the examples are shown."""
+    data = CONFIGS / "personas" / "ayane" / "dialogues.jsonl"
+    env = {"KYARA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    proc = run_kyara("data", "inspect", str(data), "--variant", "gemma3-270m-hf", env=env,
+                     timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kyara: making " in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "home" / "models" / "gemma-3-270m-hf" / "kyara-dequantized.json").is_file()
+    assert "the turn terminator <end_of_turn> is trained" in proc.stdout

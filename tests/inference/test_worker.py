@@ -170,3 +170,65 @@ def test_kill_9_of_a_real_gguf_worker_while_it_streams(embedded_gguf, tmp_path, 
         assert deltas[-1].done and deltas[-1].completion_tokens >= 1
     finally:
         backend.close()
+
+
+def test_completion_survives_the_pipe():
+    from pipelines.inference.worker import completion_from_json, completion_to_json
+    from pipelines.judge.parse import TokenLogprob
+    from pipelines.judge.providers import Completion
+
+    c = Completion(text="スコア: 6", tokens=12, finish_reason="stop", logprobs=[
+        TokenLogprob("6", -0.1, (("6", -0.1), ("5", -2.5)), b"6")])
+    import json
+
+    back = completion_from_json(json.loads(json.dumps(completion_to_json(c))), Completion)
+    assert back == c
+
+
+async def test_the_local_judge_runs_in_a_worker_and_survives_its_death(embedded_gguf, tmp_path):
+    """The console's local llama.cpp judge: the same two-step score as in process, from a
+    worker; a worker killed mid-judgment is a retryable ProviderError, and the next call
+    gets a fresh worker."""
+    import asyncio
+
+    from pipelines.config import JudgeConfig
+    from pipelines.judge.providers import ProviderError, make_provider
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)  # as ensure_embedded
+    config = JudgeConfig(name="local", provider="llama_cpp", model="embedded:gemma3-270m",
+                         api_key_env=None, criteria=["personality"], temperature=0.0)
+    provider = make_provider(config, home=home, isolated=True)
+    try:
+        prompt = "次の返答を1から7で評価してください。返答: ごきげんよう、絢音ですわ。"
+        completion = await provider.complete(prompt)
+        assert completion.text.split("スコア: ")[-1] in list("1234567")
+        digits = dict(completion.logprobs[-1].top)
+        assert set(digits) == set("1234567")  # the probability of every score, G-Eval style
+        pid = provider._process.pid
+        task = asyncio.ensure_future(provider.complete(prompt))
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ProviderError) as caught:
+            await task
+        assert caught.value.retryable and "killed by SIGKILL" in str(caught.value)
+        again = await provider.complete(prompt)
+        assert again.text == completion.text and provider._process.pid != pid
+    finally:
+        provider.unload()
+
+
+def test_an_hf_model_runs_in_a_worker_with_every_usable_core(gemma_dir, tmp_path):
+    from pipelines.config import HFVariant
+
+    variant = HFVariant(name="tiny", backend="hf", model=str(gemma_dir), device="cpu")
+    backend = WorkerBackend(variant, tmp_path)
+    try:
+        assert backend.info["n_threads"] == len(os.sched_getaffinity(0))
+        assert backend.render(ask("こんにちは")).startswith("<bos><start_of_turn>user")
+        deltas = list(backend.stream(ask("こんにちは"), GenerationOptions(max_new_tokens=5,
+                                                                      temperature=0.0)))
+        assert deltas[-1].done and 1 <= deltas[-1].completion_tokens <= 5
+    finally:
+        backend.close()

@@ -67,7 +67,7 @@ def curate_configs(tmp_path):
 def provider(monkeypatch):
     scripted = ScriptedProvider()
     monkeypatch.setattr("pipelines.judge.runner.make_provider",
-                        lambda config, home=None: scripted)
+                        lambda config, home=None, **kw: scripted)
     return scripted
 
 
@@ -144,7 +144,7 @@ def test_refuses_to_drop_without_good_calibration(curate_configs, tmp_path, prov
 def test_failed_verdict_drops_nothing(curate_configs, tmp_path, monkeypatch):
     failing = ScriptedProvider(fail={DIALOGUES[1]["messages"][-1]["content"]})  # t001, a LOW row
     monkeypatch.setattr("pipelines.judge.runner.make_provider",
-                        lambda config, home=None: failing)
+                        lambda config, home=None, **kw: failing)
     ws = Workspace.load(curate_configs)
     calibrate(ws, "personality", 0.8)
     calibrate(ws, "style", 0.8)
