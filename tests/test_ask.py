@@ -5,6 +5,8 @@ import pytest
 
 from store import Store
 from tests.conftest import REPO, run_kyara
+from tests.inference.standin_backends import ENV as STANDIN_ENV
+from tests.inference.standin_backends import write_standin_variant
 
 
 def _messages(home):
@@ -64,13 +66,9 @@ def test_ask_against_a_crashing_model_process_is_exit_1_and_one_line(tmp_path):
 
     configs = tmp_path / "configs"
     shutil.copytree(REPO / "configs", configs)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    (configs / "models" / "standin.yaml").write_text(
-        f"name: standin\nbackend: gguf\npath: {model}\nchat_template: gemma\n", encoding="utf-8")
+    write_standin_variant(configs, tmp_path)
     proc = run_kyara("ask", "crash now", "--variant", "standin", "--configs", str(configs),
-                     env={"KYARA_BACKEND_MODULES":
-                          "gguf=tests.inference.standin_backends:CrashBackend"})
+                     env=STANDIN_ENV)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

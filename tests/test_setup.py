@@ -8,6 +8,8 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO, run_kyara
+from tests.inference.standin_backends import ENV as STANDIN_ENV
+from tests.inference.standin_backends import write_standin_variant
 
 
 def _make_q(folder, venv):
@@ -144,17 +146,12 @@ def test_doctor_exit_1_when_the_engine_crashes(tmp_path):
     signal, the likely cause, the rebuild command) and exits 1."""
     configs = tmp_path / "configs"
     shutil.copytree(REPO / "configs", configs)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    (configs / "models" / "standin.yaml").write_text(
-        f"name: standin\nbackend: gguf\npath: {model}\nchat_template: gemma\n",
-        encoding="utf-8")
+    write_standin_variant(configs, tmp_path)
     app = configs / "kyara.yaml"
     app.write_text(app.read_text(encoding="utf-8").replace(
         "default_variant: ayane-270m", "default_variant: standin"), encoding="utf-8")
-    proc = run_kyara("doctor", "--configs", str(configs), timeout=300, env={
-        "KYARA_BACKEND_MODULES": "gguf=tests.inference.standin_backends:CrashBackend",
-        "KYARA_STANDIN_CRASH": "1"})
+    proc = run_kyara("doctor", "--configs", str(configs), timeout=300,
+                     env={**STANDIN_ENV, "KYARA_STANDIN_CRASH": "1"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     text = " ".join(proc.stdout.split())
     assert "killed by SIGSEGV" in text and "make rebuild-llama" in text

@@ -77,14 +77,11 @@ def test_a_crashing_model_process_leaves_the_console_up(home, tmp_path):
     question from a fresh worker."""
     import shutil
 
-    from tests.inference.standin_backends import REPLY
+    from tests.inference.standin_backends import REPLY, write_standin_variant
 
     configs = tmp_path / "configs"
     shutil.copytree(REPO / "configs", configs)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    (configs / "models" / "standin.yaml").write_text(
-        f"name: standin\nbackend: gguf\npath: {model}\nchat_template: gemma\n", encoding="utf-8")
+    write_standin_variant(configs, tmp_path)
     command = (f"cd {REPO} && KYARA_HOME={home} KYARA_CONFIGS={configs} "
                "KYARA_BACKEND_MODULES=gguf=tests.inference.standin_backends:CrashBackend "
                f"{sys.executable} -m console chat --variant standin")

@@ -8,12 +8,11 @@ import pytest
 
 from console.app import KyaraApp
 from pipelines.chat import ChatSession
-from pipelines.config import parse_variant
 from pipelines.inference.registry import spawn_backend
 from pipelines.workspace import Workspace
 from store import Store
 from tests.conftest import CONFIGS
-from tests.inference.standin_backends import PARTIAL, REPLY
+from tests.inference.standin_backends import PARTIAL, REPLY, standin_variant
 
 STANDIN = "gguf=tests.inference.standin_backends:CrashBackend"
 
@@ -21,10 +20,7 @@ STANDIN = "gguf=tests.inference.standin_backends:CrashBackend"
 @pytest.fixture
 def app(tmp_path, monkeypatch):
     monkeypatch.setenv("KYARA_BACKEND_MODULES", STANDIN)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    variant = parse_variant({"name": "standin", "backend": "gguf", "path": str(model),
-                             "chat_template": "gemma"}, "test")
+    variant = standin_variant(tmp_path)
     ws = Workspace.load(CONFIGS)
     home = tmp_path / "home"
     store = Store.open(tmp_path / "store")

@@ -62,3 +62,24 @@ class CrashBackend:
 
     def close(self) -> None:
         pass
+
+
+ENV = {"KYARA_BACKEND_MODULES": "gguf=tests.inference.standin_backends:CrashBackend"}
+
+
+def write_standin_variant(configs: Path, folder: Path, name: str = "standin") -> Path:
+    """configs/models/<name>.yaml: a gguf variant on a placeholder file, which the stand-in
+    serves under ENV."""
+    model = folder / f"{name}.gguf"
+    model.write_bytes(b"GGUF")
+    path = configs / "models" / f"{name}.yaml"
+    path.write_text(f"name: {name}\nbackend: gguf\npath: {model}\nchat_template: gemma\n",
+                    encoding="utf-8")
+    return path
+
+
+def standin_variant(folder: Path, name: str = "standin") -> Any:
+    from pipelines.config import load_variant
+
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    return load_variant(write_standin_variant(folder, folder, name))

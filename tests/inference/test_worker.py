@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from pipelines.config import GGUFVariant, parse_variant
+from pipelines.config import GGUFVariant
 from pipelines.inference.base import BackendError, GenerationOptions
 from pipelines.inference.worker import WorkerBackend, death_line
-from tests.inference.standin_backends import PARTIAL, REPLY
+from tests.inference.standin_backends import PARTIAL, REPLY, standin_variant
 
 STANDIN = "gguf=tests.inference.standin_backends:CrashBackend"
 OPTIONS = GenerationOptions(max_new_tokens=64, temperature=0.0)
@@ -28,11 +28,7 @@ def ask(text: str) -> list[dict[str, str]]:
 def standin(tmp_path, monkeypatch):
     """A gguf variant whose worker runs the crashing stand-in instead of llama.cpp."""
     monkeypatch.setenv("KYARA_BACKEND_MODULES", STANDIN)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    variant = parse_variant({"name": "standin", "backend": "gguf", "path": str(model),
-                             "chat_template": "gemma"}, "test")
-    backend = WorkerBackend(variant, tmp_path / "home")
+    backend = WorkerBackend(standin_variant(tmp_path), tmp_path / "home")
     yield backend
     backend.close()
 
@@ -83,11 +79,7 @@ def test_a_worker_that_does_not_end_a_cancelled_stream_is_killed(tmp_path, monke
     monkeypatch.setenv("KYARA_BACKEND_MODULES", STANDIN)
     monkeypatch.setenv("KYARA_STANDIN_DELAY", "0.3")  # slow enough to be caught mid-reply
     monkeypatch.setattr(worker, "CANCEL_GRACE_S", 0.5)
-    model = tmp_path / "standin.gguf"
-    model.write_bytes(b"GGUF")
-    variant = parse_variant({"name": "slow", "backend": "gguf", "path": str(model),
-                             "chat_template": "gemma"}, "test")
-    backend = WorkerBackend(variant, tmp_path / "home")
+    backend = WorkerBackend(standin_variant(tmp_path, "slow"), tmp_path / "home")
     try:
         stream = backend.stream(ask("こんにちは"), OPTIONS)
         next(stream)
