@@ -96,7 +96,7 @@ doctor: $(STAMP)
 # Rebuild the shipped Ayane adapter (configs/models/ayane-270m/): the CPU quick-start
 # training (~10 min on 2 cores), GGUF LoRA export, verification and figures.
 ayane-adapter: $(STAMP)
-	$(BIN)/python -m pipelines.training.ship --force $(SHIP_ARGS)
+	$(BIN)/python -m pipelines.ship --force $(SHIP_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check console pipelines store tests bench

@@ -35,18 +35,19 @@ def main() -> None:
         request = json.loads(line)
         started = time.perf_counter()
         ids = llm.tokenize(request["prompt"].encode("utf-8"), add_bos=False, special=True)
-        first = None
+        first = last = None
         out: list[int] = []
         for token in llm.generate(ids, temp=0.0):
-            first = first or time.perf_counter()
             if token in stop:
                 break
+            last = time.perf_counter()
+            first = first or last
             out.append(token)
             if len(out) >= request["tokens"]:
                 break
-        ended = time.perf_counter()
-        n = len(out) + (1 if len(out) < request["tokens"] else 0)  # the end token counts
-        rate = (n - 1) / (ended - first) if first and n > 1 else None
+        # decode speed over the tokens with text, first to last (as the chat bench does)
+        n = len(out)
+        rate = (n - 1) / (last - first) if n > 1 and last > first else None
         print(json.dumps({"ttft_s": (first - started) if first else None, "tokens": n,
                           "tokens_per_s": rate,
                           "text": llm.detokenize(out).decode("utf-8", "replace")},

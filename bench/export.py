@@ -78,8 +78,8 @@ def main() -> None:
     from pipelines.export.api import verify_export
     from pipelines.export.convert import convert_hf, quantize, stage_hf_dir
     from pipelines.export.tools import converter_dir
+    from pipelines.inference.dequantize import dequantize_gguf
     from pipelines.inference.embedded import ensure_embedded
-    from pipelines.training.dequantize import dequantize_gguf
 
     gguf = ensure_embedded("gemma3-270m", home)
     hf = dequantize_gguf(gguf, home / "models" / "gemma-3-270m-hf")

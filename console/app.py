@@ -50,6 +50,14 @@ class ReplyDone(Message):
     final: Any  # the last Delta (speed, stop reason), None when cut short
 
 
+@dataclass
+class VariantsReread(Message):
+    """The variant files, read again after a job finished (a thread worker read them)."""
+
+    variants: dict[str, Any]
+    problems: list[str]
+
+
 class VariantPicker(OptionList):
     """A small in-screen list to pick the model variant for the next message."""
 
@@ -216,12 +224,23 @@ class KyaraApp(App[None]):
             screen.call_after_refresh(screen.start_job, path)
 
     def job_finished(self, run: Any) -> None:
-        """A finished job may have registered a variant: offer it at once."""
+        """A finished job may have registered a variant: offer it at once. The variant files
+        are read off the event loop; several runs ending together read them once."""
         if self.workspace is None:
             return
+        self.reread_variants()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="variants",
+          description="read the variant files")
+    def reread_variants(self) -> None:
+        variants, problems = self.workspace.variants()
+        if not get_current_worker().is_cancelled:  # a later call reads them again
+            self.post_message(VariantsReread(variants, problems))
+
+    def on_variants_reread(self, event: VariantsReread) -> None:
         known = set(self.variants)
-        self.variants, problems = self.workspace.variants()
-        for line in problems:
+        self.variants = event.variants
+        for line in event.problems:
             if line not in self.config_problems:
                 self.config_problems.append(line)
                 self.notify(f"left out: {line}", severity="warning", markup=False, timeout=15)
@@ -507,7 +526,7 @@ def build_app(workspace: Any, persona: Any, variant: Any, resume: str | None = N
     """The app, ready to run. A bad variant, judge, criterion or job file (not the one in
     use) is left out and named in a notification; user errors raise as one line."""
     from pipelines.chat import open_session
-    from pipelines.inference.registry import spawn_backend
+    from pipelines.inference.worker import spawn_backend
 
     session = open_session(workspace, persona=persona.id, variant=variant.name, resume=resume)
     variants, _ = workspace.variants()

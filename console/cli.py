@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from console.common import ConfigsOption, err, fail, out, user_errors
 from console.jobs_cli import jobs_app
 
 app = typer.Typer(
@@ -27,30 +27,6 @@ config_app = typer.Typer(help="Check the YAML under configs/.", no_args_is_help=
 app.add_typer(config_app, name="config")
 app.add_typer(jobs_app, name="jobs")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-ConfigsOption = typer.Option(
-    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
-)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, no traceback; the message may hold untrusted text."""
-    err.print(f"kyara: {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is for the user: shown as one line, exit status 2."""
-    from pipelines.config import ConfigError
-    from pipelines.inference.base import BackendError
-    from pipelines.prompting import TemplateError
-    from store import StoreError
-
-    return (ConfigError, StoreError, BackendError, TemplateError)
-
-
 @config_app.command("check")
 def config_check(
     paths: Optional[list[Path]] = typer.Argument(None, help="files or folders; default all"),
@@ -62,7 +38,7 @@ def config_check(
     try:
         ws = Workspace.load(configs)
         results = ws.check(paths or None)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     bad = [r for r in results if r.error]
     for r in results:
@@ -83,7 +59,7 @@ def doctor(configs: Optional[Path] = ConfigsOption) -> None:
 
     try:
         checks = run_checks(configs)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     from rich.table import Table
 
@@ -120,7 +96,7 @@ def chat(
         p = ws.persona(persona)
         v = ws.variant(variant)
         console_app = build_app(ws, persona=p, variant=v, resume=resume)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     console_app.run()
 
@@ -147,7 +123,7 @@ def index(
             err.print(f"kyara: {notice}")
         report = index_persona(store, data.persona.id, data.knowledge,
                                get_embedder(embedder, ws.settings.home_path()), rebuild=rebuild)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     out.print(f"indexed {escape(report.persona)} with {escape(report.embedder)}: "
               f"{report.added} added, {report.updated} updated, {report.removed} removed, "
@@ -169,7 +145,7 @@ def retrieve(
         ws = Workspace.load(configs)
         retriever = open_retriever(ws, persona)
         hits = retriever.search(query, k=k)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     for hit in hits:  # tab-separated plain text: easy to read and to cut/grep
         ranks = f"text #{hit.text_rank or '-'}, vector #{hit.vector_rank or '-'}"
@@ -211,7 +187,7 @@ def ask(
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
         sys.stdout.write("\n")
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(str(exc))
     finally:
         backend = getattr(session, "backend", None)

@@ -41,6 +41,8 @@ class Column(Vertical):
     DEFAULT_CSS = """
     Column { width: 1fr; height: auto; border: round $primary; padding: 0 1; }
     Column > .head { text-style: bold; color: $accent; }
+    Column > .reason { color: $error; display: none; }
+    Column > .reason.shown { display: block; }
     """
 
     def __init__(self, label: str, speaker: str, criteria: list[str]) -> None:
@@ -48,12 +50,20 @@ class Column(Vertical):
         self.label = label
         self.reply = ReplyText(speaker)
         self.badges = Badges(criteria)
+        self.reason = Static("", classes="reason", markup=False)
         self.message: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(Text(self.label), classes="head", markup=False)
         yield self.reply
+        yield self.reason
         yield self.badges
+
+    def show_error(self, reason: str | None) -> None:
+        """Why this combination has no reply (the stored row's one-line `error`: a model
+        file that is not there, a worker that crashed), in the pane itself."""
+        self.reason.update(plain(reason or "generation failed"))
+        self.reason.add_class("shown")
 
 
 class CompareScreen(Screen[None]):
@@ -111,6 +121,8 @@ class CompareScreen(Screen[None]):
                         column.reply.append(reply["content"])
                         column.reply.finish(reply["status"])
                         column.message = reply
+                        if reply["status"] == "error":
+                            column.show_error(reply.get("error"))
                 question, replies = row["content"], []
             elif row["role"] == "assistant":
                 replies.append(row)
@@ -179,6 +191,7 @@ class CompareScreen(Screen[None]):
             column.badges.set_style(check_reply(row["content"], self.session.persona.speech,
                                                 row.get("stop_reason")))
         if row is not None and row["status"] == "error":
+            column.show_error(row.get("error"))
             self.notify(row.get("error") or "generation failed", severity="error",
                         markup=False)
         if row is not None and row["status"] == "complete" and self.judge is not None:

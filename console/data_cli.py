@@ -14,23 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+from console.common import ConfigsOption, err, fail, out
 
 data_app = typer.Typer(help="Prepare training data; inspect what the model is trained on.",
                        no_args_is_help=True)
 
-ConfigsOption = typer.Option(
-    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
-)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"kyara: {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @data_app.command("prep")
@@ -45,14 +35,14 @@ def prep(
     """NFC, whitespace, line breaks, a final 。, de-duplication and a length filter; prints
     a before/after report. The source file is never modified."""
     from pipelines.config import ConfigError
-    from pipelines.data import PrepOptions, prepare_file
+    from pipelines.training.data import PrepOptions, prepare_file
 
     try:
         report = prepare_file(source, output, PrepOptions(min_chars=min_chars, max_chars=max_chars,
                                                           add_final_mark=final_mark,
                                                           dedupe=dedupe))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(escape(report.text()), soft_wrap=True)
     out.print(f"wrote {escape(str(output))}", soft_wrap=True)
 
@@ -86,7 +76,7 @@ def inspect(
                              start=index - 1, count=count, prep=prep, system_prompt=system,
                              max_seq_len=max_seq_len)
     except (ConfigError, TemplateError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     bad = 0
     for example in shown:
         title = f"example {example.index + 1}" + (f" ({example.id})" if example.id else "")

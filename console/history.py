@@ -1,15 +1,24 @@
-"""History: past chat sessions and comparisons, newest first; Enter reopens one."""
+"""History: past chat sessions and comparisons, newest first; Enter reopens one. The store
+is read by a thread worker that posts the rows back: the screen opens at once."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState
+
+
+@dataclass
+class SessionsRead(Message):
+    rows: list[dict[str, Any]]
 
 
 def session_rows(store: Any, persona: str | None = None) -> list[dict[str, Any]]:
@@ -40,16 +49,39 @@ class HistoryScreen(Screen[dict[str, Any] | None]):
         super().__init__()
         self.store = store
         self.persona = persona
-        self.rows = session_rows(store, persona)
+        self.rows: list[dict[str, Any]] = []
+        self.loaded = False
 
     def compose(self) -> ComposeResult:
-        yield Static(Text(f"history: {len(self.rows)} sessions (Enter opens, Escape back)"),
+        yield Static(Text("history: reading the sessions… (Escape back)"),
                      id="history-title", markup=False)
-        yield OptionList(*[Option(describe(r), id=r["id"]) for r in self.rows], id="history")
+        yield OptionList(id="history")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#history", OptionList).focus()
+        self.read_sessions()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="history",
+          description="read the history")
+    def read_sessions(self) -> None:
+        self.post_message(SessionsRead(session_rows(self.store, self.persona)))
+
+    def on_sessions_read(self, message: SessionsRead) -> None:
+        self.rows = message.rows
+        self.loaded = True
+        self.query_one("#history-title", Static).update(
+            Text(f"history: {len(self.rows)} sessions (Enter opens, Escape back)"))
+        history = self.query_one("#history", OptionList)
+        history.add_options([Option(describe(r), id=r["id"]) for r in self.rows])
+        if self.rows:
+            history.highlighted = 0
+
+    @on(Worker.StateChanged)
+    def read_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.query_one("#history-title", Static).update(
+                Text(f"history: could not read the store: {event.worker.error}", style="red"))
 
     @on(OptionList.OptionSelected, "#history")
     def chosen(self, event: OptionList.OptionSelected) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from pipelines import events as ev
 from pipelines.config import ConfigError, load_job
 from pipelines.events import EVENTS_FILE, Event, Tailer, last_event, read_events
+from pipelines.jobs import require_implemented
 from pipelines.jobs.runner import (
     EXIT_FILE,
     FINAL_STATUSES,
@@ -117,6 +118,7 @@ def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = Non
     """
     cfg_path = Path(cfg_path).resolve()
     cfg = load_job(cfg_path)
+    require_implemented(cfg.job, cfg_path)  # never start a run that can only fail
     if force and "force" not in type(cfg).model_fields:
         article = "an" if cfg.job[0] in "aeiou" else "a"
         raise ConfigError(f"{cfg_path}: {article} {cfg.job} job has no force option")

@@ -11,34 +11,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from console.common import ConfigsOption, err, fail, out, user_errors
 
 jobs_app = typer.Typer(help="Run jobs detached (train, index, ...) and follow them.",
                        no_args_is_help=True)
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-ConfigsOption = typer.Option(
-    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
-)
 STATUS_STYLE = {"done": "green", "running": "cyan", "starting": "cyan", "error": "red",
                 "cancelled": "yellow", "lost": "magenta"}
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(Text(f"kyara: {message}"), soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from console.jobs import LaunchError
-    from pipelines.config import ConfigError
-    from store import StoreError
 
-    return (ConfigError, StoreError, LaunchError, LookupError)
+    return user_errors(LaunchError, LookupError)
 
 
 def _open(configs: Optional[Path]) -> tuple[Any, Any]:
@@ -72,7 +60,7 @@ def run_cmd(
         ws, store = _open(configs)
         handle = jobs.launch(config, ws, store=store, force=force)
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(Text(f"started run {handle.id} ({handle.kind} {handle.name}), pid {handle.pid}"))
     out.print(Text(f"run directory: {handle.run_dir}"))
     if not follow:
@@ -101,7 +89,7 @@ def list_cmd(
         runs = jobs.list_runs(store, limit=limit)
         _, problems = ws.jobs()
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for line in problems:  # a job file that does not load is named, never fatal
         err.print(Text(f"kyara: skipped job file: {line}"), soft_wrap=True)
     if not runs:
@@ -145,7 +133,7 @@ def _find_run(configs: Path | None, run: str):
         _, store = _open(configs)
         return jobs.get_run(store, run)
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @jobs_app.command("show")
@@ -185,6 +173,6 @@ def cancel_cmd(
 
     handle = _find_run(configs, run)
     if not jobs.cancel(handle, force=force):
-        _fail(f"run {handle.id[:8]} is not running (status {handle.status})", code=1)
+        fail(f"run {handle.id[:8]} is not running (status {handle.status})", code=1)
     out.print(Text(f"sent {'SIGKILL' if force else 'SIGTERM'} to run {handle.id[:8]} "
                    f"(pid {handle.pid})"))

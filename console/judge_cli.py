@@ -17,13 +17,11 @@ from typing import Any, Optional
 
 import click
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+from console.common import ConfigsOption, err, fail, out, user_errors
 
 
 class _ScoreByDefault(TyperGroup):
@@ -42,23 +40,10 @@ judge_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ConfigsOption = typer.Option(
-    None, "--configs", envvar="KYARA_CONFIGS", help="the configs/ directory to use"
-)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"kyara: {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.config import ConfigError
-    from pipelines.inference.base import BackendError
     from pipelines.judge import JudgeError
-    from store import StoreError
 
-    return (ConfigError, StoreError, BackendError, JudgeError)
+    return user_errors(JudgeError)
 
 
 def _progress(total: int, what: str) -> Any:
@@ -117,7 +102,7 @@ def score(
         items = load_items(data)
         j = Judge.open(ws, config.name, persona, criteria=names)
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     total = len(items) * len(names)
     progress = _progress(total, f"judge {j.name} · {', '.join(names)}")
     task_id = progress.task_ids[0]
@@ -132,12 +117,12 @@ def score(
         if output is not None:
             write_output(output, items, names, results)
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_summary(summarize(results, names), j)
     if output is not None:
         err.print(f"wrote {len(items)} rows to {escape(str(output))}", soft_wrap=True)
     if j.fatal is not None:
-        _fail(str(j.fatal))
+        fail(str(j.fatal))
     failed = sum(v.status == "failed" for v in results.values())
     if failed:
         err.print(f"kyara: {failed} verdict(s) failed; run the same command again to retry "
@@ -196,11 +181,11 @@ def calibrate_command(
             report, pairs = _run(j, calibrate(j, criterion, on_verdict=lambda *_: progress.advance(task_id)))
         path = save_calibration(ws.settings.home_path(), report)
     except _user_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_calibration(report)
     err.print(f"saved to {escape(str(path))}", soft_wrap=True)
     if j.fatal is not None:
-        _fail(str(j.fatal))
+        fail(str(j.fatal))
 
 
 def _print_calibration(report: Any) -> None:

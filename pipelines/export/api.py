@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from pipelines.config import ConfigError, GGUFVariant
+from pipelines.config import ConfigError
 from pipelines.export.convert import ExportError, convert_lora, stage_hf_dir
 from pipelines.export.tools import converter_dir
-from pipelines.export.verify import Verification, persona_texts, verify_gguf
+from pipelines.export.verify import (
+    Verification,
+    generation_required,
+    persona_texts,
+    verify_gguf,
+)
 
 PACKAGED_PERSONAS = Path(__file__).resolve().parents[2] / "configs" / "personas"
 
@@ -38,7 +41,7 @@ def verify_export(gguf: str | Path, hf_dir: str | Path, *, adapter: str | Path |
     persona = yaml.safe_load((persona_dir / "persona.yaml").read_text(encoding="utf-8"))
     system = (persona.get("prompts") or {}).get("system")
     if require_generation is None:
-        require_generation = kind.lower() in ("f16", "f32")
+        require_generation = generation_required(kind)
     return verify_gguf(Path(gguf), Path(hf_dir), sentences=sentences, questions=questions,
                        system=system, adapter=Path(adapter) if adapter else None,
                        lora_path=Path(lora_path) if lora_path else None, kind=kind,
@@ -63,7 +66,11 @@ def export_lora_adapter(adapter_dir: str | Path, base_hf_dir: str | Path, out_pa
         raise ConfigError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
     if out.exists() and not force:
         raise ConfigError(f"{out}: exists (pass force=True to overwrite)")
-    home = Path(home) if home else Path(os.path.expanduser("~/.local/share/kyara"))
+    if home is None:  # the user's kyara home, KYARA_HOME and configs/kyara.yaml honoured
+        from pipelines.workspace import Workspace
+
+        home = Workspace.load().settings.home_path()
+    home = Path(home)
     tools = converter_dir(home, llama_cpp_dir, say=say)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -77,8 +84,7 @@ def export_lora_adapter(adapter_dir: str | Path, base_hf_dir: str | Path, out_pa
                 say(line)
         if base_gguf is not None:
             if require_generation is None:
-                name = Path(base_gguf).name.lower()
-                require_generation = "f16" in name or "f32" in name
+                require_generation = generation_required(Path(base_gguf).stem)
             kind = f"lora {outtype} on {Path(base_gguf).name}"
             check = verify_export(base_gguf, base_hf_dir, adapter=adapter_dir,
                                   lora_path=partial, persona_dir=persona_dir, kind=kind,
@@ -91,25 +97,6 @@ def export_lora_adapter(adapter_dir: str | Path, base_hf_dir: str | Path, out_pa
     finally:
         partial.unlink(missing_ok=True)
     return out, check
-
-
-def register_gguf_variant(store: Any, variant: GGUFVariant, home: Path, *, base: str,
-                          run_id: str, note: str) -> Path:
-    """The variant's YAML in <home>/models/ and its row in the store's variants table."""
-    from pipelines.training.register import variant_row_id, write_variant_yaml
-
-    yaml_path = write_variant_yaml(variant, home, note)  # any pydantic variant serialises
-    store.upsert("variants", [{
-        "id": variant_row_id(variant.name),
-        "name": variant.name,
-        "backend": variant.backend,
-        "base": base,
-        "adapter": variant.lora_path,
-        "path": str(yaml_path),
-        "config_json": json.dumps(variant.model_dump(mode="json"), ensure_ascii=False),
-        "source_run_id": run_id,
-    }])
-    return yaml_path
 
 
 def remove_tree(path: Path) -> None:

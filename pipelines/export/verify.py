@@ -12,12 +12,15 @@
 
 `verify_gguf` returns a Verification; `.passed` and `.problems` say whether it may be
 registered, `.lines()` is the human table, `.to_dict()` goes into verification.json and
-the run's `done` event.
+`.summary()` into the run's `done` event (and the shipped adapter's provenance). Where the
+generation check is waived, `generation` says so ("not required (quantised base)") and
+the comparison is kept beside it as `greedy_identical`, reported only.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,9 +64,23 @@ class Verification:
     def passed(self) -> bool:
         return not self.problems
 
+    @property
+    def greedy_identical(self) -> str:
+        return f"{self.identical_generations}/{len(self.generations)} identical"
+
+    @property
+    def generation(self) -> str:
+        """The generation check: 'k/n identical' where it is required, else why it is not
+        (a quantised file, or a LoRA adapter on a quantised base: greedy paths part early)."""
+        if self.require_generation:
+            return self.greedy_identical
+        waived = "quantised base" if self.kind.lower().startswith("lora") else "quantised file"
+        return f"not required ({waived})"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["identical_generations"] = self.identical_generations
+        data["generation"] = self.generation
         data["passed"] = self.passed
         return data
 
@@ -73,7 +90,8 @@ class Verification:
             "gguf": self.gguf,
             "kind": self.kind,
             "tokenizer": f"{self.sentences_identical}/{self.sentences} identical",
-            "generation": f"{self.identical_generations}/{len(self.generations)} identical",
+            "generation": self.generation,
+            "greedy_identical": self.greedy_identical,
             "first_divergence": [g.first_divergence for g in self.generations],
             "end_of_turn": self.end_of_turn.get("ok", False),
             "passed": self.passed,
@@ -87,9 +105,9 @@ class Verification:
         out.append(f"  end of turn: {eot.get('token')!r} hf id {eot.get('hf_id')} gguf id "
                    f"{eot.get('gguf_id')}, ends generation in llama.cpp: "
                    f"{'yes' if eot.get('is_eog') else 'no'}")
-        out.append(f"  greedy {MAX_NEW_TOKENS} tokens: "
-                   f"{self.identical_generations}/{len(self.generations)} identical"
-                   + ("" if self.require_generation else " (quantised: reported only)"))
+        out.append(f"  greedy {MAX_NEW_TOKENS} tokens: {self.greedy_identical}"
+                   + ("" if self.require_generation
+                      else f" (generation check {self.generation}: reported only)"))
         out.append("    #  hf  gguf  first divergence  question")
         for i, g in enumerate(self.generations, 1):
             where = "-" if g.first_divergence is None else str(g.first_divergence)
@@ -140,16 +158,19 @@ def load_hf(hf_dir: Path, adapter: Path | None = None) -> tuple[Any, Any]:
     return tokenizer, model
 
 
+def generation_required(kind: str) -> bool:
+    """The one rule for the greedy-generation check: required (4 of 5 identical) only where
+    the GGUF's weights are unquantised, f16 or f32 — the export kind, or a file name that
+    names it (`gemma-3-270m-f16.gguf`, `lora + f16 base`). Quantised weights (q8_0, q4_k_m)
+    and bf16 change greedy replies legitimately: for them it is reported, not required."""
+    words = re.split(r"[^0-9a-z]+", kind.lower())
+    return "f16" in words or "f32" in words
+
+
 def _hf_eog_ids(tokenizer: Any, model: Any) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
-        ids.add(eot)
-    return ids
+    from pipelines.evaluation import end_of_generation_ids
+
+    return set(end_of_generation_ids(model, tokenizer))
 
 
 def verify_gguf(gguf: Path, hf_dir: Path, *, sentences: Sequence[str],
@@ -166,9 +187,9 @@ def verify_gguf(gguf: Path, hf_dir: Path, *, sentences: Sequence[str],
     import torch
 
     from pipelines.export.convert import chat_template_for
-    from pipelines.inference.gguf import _route_llama_logs
+    from pipelines.inference.llama_logs import route_llama_logs
 
-    _route_llama_logs(llama_cpp)
+    route_llama_logs(llama_cpp)
     result = Verification(gguf=str(gguf), kind=kind, require_generation=require_generation)
     tokenizer, model = hf_model or load_hf(Path(hf_dir), adapter)
     llm = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora_path) if lora_path else None,

@@ -15,8 +15,6 @@ after text has streamed ends the stream with an `error` Delta so the partial rep
 from __future__ import annotations
 
 import codecs
-import ctypes
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,28 +30,10 @@ from pipelines.inference.base import (
     usable_cores,
 )
 from pipelines.inference.embedded import ensure_embedded
-from pipelines.inference.registry import GenerationLock, render_for_model, resolve_path
+from pipelines.inference.llama_logs import route_llama_logs
+from pipelines.inference.registry import GenerationLock, render_for_model
+from pipelines.inference.sources import resolve_path
 from pipelines.prompting import resolve_template
-
-log = logging.getLogger("kyara.llama_cpp")
-# The installed callback, kept referenced: llama.cpp holds a raw pointer to it.
-_log_callback: list = []
-
-
-def _route_llama_logs(llama_cpp) -> None:
-    """Send llama.cpp's own log lines (it writes some to stderr even with verbose=False,
-    e.g. the SWA cache notice) to Python logging at debug level: a Textual screen or the
-    stdout of `kyara ask` must not be scribbled over. Failures reach the user as
-    BackendError from the exceptions llama-cpp-python raises."""
-    if _log_callback:
-        return
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
-
-    _log_callback.append(callback)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def engine_settings(variant: GGUFVariant, llama_cpp: Any) -> dict[str, Any]:
@@ -77,7 +57,7 @@ class GGUFBackend:
     def __init__(self, variant: GGUFVariant, home: Path | None = None) -> None:
         import llama_cpp
 
-        _route_llama_logs(llama_cpp)
+        route_llama_logs(llama_cpp)
         self._llama_cpp = llama_cpp
         self.variant = variant
         self.name = variant.name

@@ -47,11 +47,8 @@ from pipelines.inference.base import (
     final_delta,
     usable_cores,
 )
-from pipelines.inference.registry import (
-    GenerationLock,
-    render_for_model,
-    resolve_path,
-)
+from pipelines.inference.registry import GenerationLock, render_for_model
+from pipelines.inference.sources import resolve_path
 from pipelines.prompting import GEMMA_TEMPLATE
 
 # --- the shared copies ------------------------------------------------------------------
@@ -283,15 +280,10 @@ class HFBackend:
             return name
 
     def _end_of_generation_ids(self) -> dict[int, str]:
-        ids: list[int] = []
-        declared = getattr(self._entry.model.generation_config, "eos_token_id", None)
-        ids += declared if isinstance(declared, list) else [declared]
-        ids.append(self.tokenizer.eos_token_id)
         # Gemma ends a turn with <end_of_turn>; some configs list only <eos>.
-        if "<end_of_turn>" in self.tokenizer.get_vocab():
-            ids.append(self.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
-        found = [i for i in ids if isinstance(i, int) and i >= 0]
-        return {i: self.tokenizer.convert_ids_to_tokens(i) for i in dict.fromkeys(found)}
+        from pipelines.inference.end_of_generation import end_of_generation_ids
+
+        return end_of_generation_ids(self._entry.model, self.tokenizer)
 
     def _chat_template(self, model_type: str) -> str:
         template = self.tokenizer.chat_template

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.config import GGUFVariant, HFVariant, Variant
 from pipelines.inference.base import BackendError, ChatBackend, Message
+from pipelines.inference.sources import resolve_hf_model, resolve_path
 from pipelines.prompting import TemplateError, render_prompt
 
 BACKENDS: dict[str, str] = {
@@ -56,28 +57,6 @@ def backend_class(kind: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def resolve_path(value: str, home: Path | None) -> Path:
-    """`~` and `$VARS` expanded; a relative path is taken from the kyara home, where models
-    and runs live (configs are read from elsewhere, so the current directory means nothing)."""
-    path = Path(os.path.expandvars(value)).expanduser()
-    if not path.is_absolute() and home is not None:
-        path = Path(home) / path
-    return path
-
-
-# The folders kyara writes under its home: `models/x` is a path there, never a hub id.
-KYARA_HOME_DIRS = ("models", "runs", "exports", "merges", "evolve", "tools", "store")
-
-
-def looks_like_hub_id(value: str) -> bool:
-    """`org/name`: not a path the user typed (no leading ./, ~ or /, exactly one slash, and
-    `org` is not a folder kyara keeps in its home). See sources.resolve_hf_model."""
-    return (
-        value.count("/") == 1 and not value.startswith((".", "~", "/", "$")) and "\\" not in value
-        and value.split("/", 1)[0] not in KYARA_HOME_DIRS
-    )
-
-
 def load_backend(variant: Variant, home: Path) -> ChatBackend:
     """The backend for a variant, its model loaded. Every failure is a one-line BackendError."""
     if isinstance(variant, GGUFVariant):
@@ -91,24 +70,11 @@ def load_backend(variant: Variant, home: Path) -> ChatBackend:
             _require(resolve_path(variant.lora_path, home), variant.name, "LoRA file")
         return backend_class("gguf")(variant, home)
     if isinstance(variant, HFVariant):
-        from pipelines.inference.sources import resolve_hf_model
-
         resolve_hf_model(variant.model, home, variant=variant.name)  # fails at once, one line
         if variant.adapter:
             _require(resolve_path(variant.adapter, home), variant.name, "adapter directory")
         return backend_class("hf")(variant, home)
     return backend_class(variant.backend)(variant)
-
-
-def spawn_backend(variant: Variant, home: Path) -> ChatBackend:
-    """The backend the console and `kyara ask` use: a local model (hf, gguf) in its own
-    worker process, so a native crash or the OOM killer ends that process, not theirs; a
-    remote one (openai: HTTP only) in this process."""
-    if isinstance(variant, (GGUFVariant, HFVariant)):
-        from pipelines.inference.worker import WorkerBackend
-
-        return WorkerBackend(variant, home)
-    return load_backend(variant, home)
 
 
 def _require(path: Path, variant: str, what: str) -> None:

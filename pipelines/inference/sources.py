@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 from pipelines.config import ConfigError
 from pipelines.inference.base import BackendError
-from pipelines.inference.registry import looks_like_hub_id, resolve_path
 
 PROBE_TIMEOUT_S = 2.0
 _TRUE = {"1", "on", "yes", "true"}
@@ -38,6 +37,28 @@ _TRUE = {"1", "on", "yes", "true"}
 class ModelSourceError(BackendError, ConfigError):
     """A model that is neither on disk nor fetchable now: one line naming it and the fix.
     Both a BackendError (the console, `kyara ask`) and a ConfigError (jobs, `kyara data`)."""
+
+
+def resolve_path(value: str, home: Path | None) -> Path:
+    """`~` and `$VARS` expanded; a relative path is taken from the kyara home, where models
+    and runs live (configs are read from elsewhere, so the current directory means nothing)."""
+    path = Path(os.path.expandvars(value)).expanduser()
+    if not path.is_absolute() and home is not None:
+        path = Path(home) / path
+    return path
+
+
+# The folders kyara writes under its home: `models/x` is a path there, never a hub id.
+KYARA_HOME_DIRS = ("models", "runs", "exports", "merges", "evolve", "tools", "store")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name`: not a path the user typed (no leading ./, ~ or /, exactly one slash, and
+    `org` is not a folder kyara keeps in its home). See sources.resolve_hf_model."""
+    return (
+        value.count("/") == 1 and not value.startswith((".", "~", "/", "$")) and "\\" not in value
+        and value.split("/", 1)[0] not in KYARA_HOME_DIRS
+    )
 
 
 def is_hub_id(value: str, home: Path | None) -> bool:
@@ -159,8 +180,8 @@ def _make_known_folder(path: Path, home: Path | None, variant: str) -> Path | No
 
     if home is None or (name := dequantized_source(path, home)) is None:
         return None
+    from pipelines.inference.dequantize import dequantize_gguf
     from pipelines.inference.embedded import ensure_embedded
-    from pipelines.training.dequantize import dequantize_gguf
 
     try:
         return dequantize_gguf(ensure_embedded(name, home), path)

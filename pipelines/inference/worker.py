@@ -4,21 +4,22 @@
 One child process per loaded model (`python -m pipelines.inference.worker`), speaking JSON
 Lines: requests on its stdin, replies on a private copy of its stdout (fd 1 itself is
 pointed at stderr, so whatever llama.cpp or torch print cannot break the protocol; stderr
-goes to `<home>/logs/worker-<name>.log`). The child loads the model with the same
-in-process code the jobs use (`load_backend`, `LlamaCppProvider`), so what runs there is
-what the tests of those classes prove.
+goes to `<home>/logs/worker-<name>.log`). The child builds its model with a function named
+by import string, with the same in-process code the jobs use (`registry.load_backend`;
+the local judge's `LlamaCppProvider`), so what runs there is what the tests of those
+classes prove, and this module depends on nothing above it.
 
 Requests, one at a time per process (a stream holds the process until its last line):
-  {"op": "load", "kind": "chat"|"judge", ...}    -> {"ok": true, "info": {...}}
-  {"id": n, "op": "render", "messages": [...]}   -> {"id": n, "result": "<prompt text>"}
+  {"op": "load", "target": "module:function", "args": {...}} -> {"ok": true, "info": {...}}
+  {"id": n, "op": "render", "messages": [...]}     -> {"id": n, "result": "<prompt text>"}
   {"id": n, "op": "stream", "messages", "options"} -> {"id": n, "delta": {...}} ... {"id": n, "end": true}
-  {"id": n, "op": "cancel"}                      (read while streaming; the stream ends)
-  {"id": n, "op": "complete", "prompt": "..."}   -> {"id": n, "result": {completion}}
-Any request can answer {"id": n, "error": "one line", "type": "BackendError"|...}.
+  {"id": n, "op": "cancel"}                        (read while streaming; the stream ends)
+  {"id": n, "op": "call", "method": m, "args": {}} -> {"id": n, "result": <JSON>}
+Any request can answer {"id": n, "error": "one line", "type": "BackendError", "fields": {}}.
 
-The parent side (`ModelProcess`, `WorkerBackend`, `WorkerProvider`) turns the child's
-death into one BackendError line (the variant, the signal or exit code, what to try) and
-starts a fresh child on the next request.
+The parent side (`ModelProcess`, `WorkerBackend`; the judge's `WorkerProvider`) turns the
+child's death into one BackendError line (the variant, the signal or exit code, what to
+try) and starts a fresh child on the next request.
 
 Why not multiprocessing: a spawned child re-imports the parent's __main__ (the console),
 and a pipe of pickles would still need the same death handling; a subprocess with JSON
@@ -263,19 +264,19 @@ class ModelProcess:
             self.kill()
 
 
-def remote_error(reply: dict[str, Any]) -> Exception:
-    """The exception a child reported, as the type the in-process code would raise."""
-    kind = reply.get("type")
-    message = reply.get("error") or "the model process failed"
-    if kind == "ProviderError":
-        from pipelines.judge.providers import ProviderError
+class RemoteError(BackendError):
+    """An exception the child reported: its one line, and its type name and fields, so a
+    caller that knows the type can raise its own (the local judge: ProviderError)."""
 
-        extra = reply.get("extra") or {}
-        return ProviderError(extra.get("kind", "local"), message,
-                             retryable=bool(extra.get("retryable")),
-                             retry_after=extra.get("retry_after"),
-                             fatal=bool(extra.get("fatal")))
-    return BackendError(message)
+    def __init__(self, message: str, kind: str | None, fields: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.fields = fields
+
+
+def remote_error(reply: dict[str, Any]) -> RemoteError:
+    return RemoteError(reply.get("error") or "the model process failed", reply.get("type"),
+                       reply.get("fields") or {})
 
 
 def worker_log(home: Path | None, name: str) -> Path | None:
@@ -296,8 +297,9 @@ class WorkerBackend:
         self.name = variant.name
         self.home = Path(home) if home is not None else None
         self.label = f"variant {variant.name!r}"
-        self._load = {"kind": "chat", "variant": variant.model_dump(mode="json"),
-                      "home": str(self.home) if self.home is not None else None}
+        self._load = {"target": "pipelines.inference.worker:load_chat_backend",
+                      "args": {"variant": variant.model_dump(mode="json"),
+                               "home": str(self.home) if self.home is not None else None}}
         self._env = env
         self.last: Delta | None = None
         self._start_lock = threading.Lock()  # the chat and a comparison may both restart it
@@ -338,80 +340,16 @@ class WorkerBackend:
         self.process.close()
 
 
-class WorkerProvider:
-    """The local llama.cpp judge (LlamaCppProvider) in a child process, for the console:
-    same `complete` contract, and a crash is a failed verdict, not a dead console."""
+def spawn_backend(variant: Any, home: Path) -> Any:
+    """The backend the console and `kyara ask` use: a local model (hf, gguf) in its own
+    worker process, so a native crash or the OOM killer ends that process, not theirs; a
+    remote one (openai: HTTP only) in this process."""
+    from pipelines.config import GGUFVariant, HFVariant
+    from pipelines.inference.registry import load_backend
 
-    local = True
-
-    def __init__(self, config: Any, *, home: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.model = config.model
-        self.home = Path(home) if home is not None else None
-        self.label = f"{config.model} (llama.cpp, local)"
-        self._load = {"kind": "judge", "judge": config.model_dump(mode="json"),
-                      "home": str(self.home) if self.home is not None else None}
-        self._env = env
-        self._process: ModelProcess | None = None
-        self._start_lock = threading.Lock()
-
-    def _ready(self) -> ModelProcess:
-        with self._start_lock:
-            if self._process is None or not self._process.alive:
-                process = ModelProcess(self._load, f"judge {self.config.name}",
-                                       worker_log(self.home, f"judge-{self.config.name}"),
-                                       self._env)
-                process.start()
-                self._process = process
-            return self._process
-
-    def _complete(self, prompt: str) -> Any:
-        from pipelines.judge.providers import Completion, ProviderError
-
-        try:
-            result = self._ready().request("complete", "judging a reply", prompt=prompt)
-        except WorkerDied as exc:
-            raise ProviderError("local", str(exc), retryable=True) from None
-        except BackendError as exc:  # the model could not be loaded: every call would fail
-            raise ProviderError("local", str(exc), retryable=False, fatal=True) from None
-        return completion_from_json(result, Completion)
-
-    async def complete(self, prompt: str) -> Any:
-        import asyncio
-
-        return await asyncio.to_thread(self._complete, prompt)
-
-    async def aclose(self) -> None:
-        """Nothing belongs to a loop here: the model stays loaded for the next call."""
-
-    def unload(self) -> None:
-        if self._process is not None:
-            self._process.close()
-            self._process = None
-
-
-def completion_to_json(completion: Any) -> dict[str, Any]:
-    logprobs = None
-    if completion.logprobs is not None:
-        logprobs = [{"token": t.token, "logprob": t.logprob, "top": [list(x) for x in t.top],
-                     "bytes": list(t.bytes) if t.bytes is not None else None}
-                    for t in completion.logprobs]
-    return {"text": completion.text, "logprobs": logprobs, "tokens": completion.tokens,
-            "finish_reason": completion.finish_reason}
-
-
-def completion_from_json(data: dict[str, Any], completion_cls: type) -> Any:
-    from pipelines.judge.parse import TokenLogprob
-
-    logprobs = None
-    if data.get("logprobs") is not None:
-        logprobs = [TokenLogprob(t["token"], float(t["logprob"]),
-                                 tuple((a, float(b)) for a, b in t["top"]),
-                                 bytes(t["bytes"]) if t["bytes"] is not None else None)
-                    for t in data["logprobs"]]
-    return completion_cls(text=data["text"], logprobs=logprobs, tokens=int(data["tokens"]),
-                          finish_reason=data.get("finish_reason"))
+    if isinstance(variant, (GGUFVariant, HFVariant)):
+        return WorkerBackend(variant, home)
+    return load_backend(variant, home)
 
 
 # --- the child side -----------------------------------------------------------------------
@@ -433,37 +371,38 @@ class _Channel:
             self._out.write(data)
 
 
+# fields of an exception that travel with its one line (ProviderError's, for the judge)
+ERROR_FIELDS = ("kind", "retryable", "retry_after", "fatal")
+
+
 def _error(rid: Any, exc: BaseException) -> dict[str, Any]:
-    reply: dict[str, Any] = {"id": rid, "error": " ".join(str(exc).split())
-                             or type(exc).__name__, "type": type(exc).__name__}
-    if type(exc).__name__ == "ProviderError":
-        reply["extra"] = {"kind": exc.kind, "retryable": exc.retryable,
-                          "retry_after": exc.retry_after, "fatal": exc.fatal}
-    return reply
+    fields = {f: getattr(exc, f) for f in ERROR_FIELDS
+              if isinstance(getattr(exc, f, None), (str, int, float, bool))}
+    return {"id": rid, "error": " ".join(str(exc).split()) or type(exc).__name__,
+            "type": type(exc).__name__, "fields": fields}
 
 
-def _load(request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    home = Path(request["home"]) if request.get("home") else None
-    if request["kind"] == "judge":
-        from pipelines.config import JudgeConfig
-        from pipelines.judge.providers import LlamaCppProvider
-
-        provider = LlamaCppProvider(JudgeConfig.model_validate(request["judge"]), home=home)
-        try:
-            provider._load()
-        except Exception as exc:  # JudgeError: no model file, a GGUF llama.cpp cannot read
-            raise BackendError(str(exc)) from None
-        return provider, {"pid": os.getpid()}
+def load_chat_backend(variant: dict[str, Any], home: str | None) -> tuple[Any, dict[str, Any]]:
+    """The child's model for a WorkerBackend: the variant's backend, loaded in process."""
     from pipelines.config import parse_variant
     from pipelines.inference.registry import load_backend
 
-    variant = parse_variant(request["variant"], "the console")
-    backend = load_backend(variant, home)
-    info: dict[str, Any] = {"pid": os.getpid()}
+    backend = load_backend(parse_variant(variant, "the console"),
+                           Path(home) if home else None)
+    info: dict[str, Any] = {}
     for key in ("settings", "n_threads"):
         if getattr(backend, key, None) is not None:
             info[key] = getattr(backend, key)
     return backend, info
+
+
+def _load(request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`target` is "module:function", called with `args`; it returns (object, info)."""
+    import importlib
+
+    module, _, function = request["target"].partition(":")
+    target, info = getattr(importlib.import_module(module), function)(**request["args"])
+    return target, {"pid": os.getpid(), **info}
 
 
 def _serve(channel: _Channel, target: Any, requests: queue.Queue,
@@ -476,9 +415,9 @@ def _serve(channel: _Channel, target: Any, requests: queue.Queue,
         try:
             if op == "render":
                 channel.send({"id": rid, "result": target.render(request["messages"])})
-            elif op == "complete":
-                completion = target._complete_locked(request["prompt"])
-                channel.send({"id": rid, "result": completion_to_json(completion)})
+            elif op == "call":  # a method whose result is JSON-able
+                method = getattr(target, request["method"])
+                channel.send({"id": rid, "result": method(**request.get("args", {}))})
             elif op == "stream":
                 _stream(channel, target, rid, request, cancelled)
             else:

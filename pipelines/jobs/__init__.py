@@ -9,6 +9,11 @@ torch, and nothing else (the console, `kyara jobs list`) should pay for that.
 `KYARA_JOB_MODULES="kind=package.module,..."` maps kinds to other modules. It is how tests
 run tiny stand-in jobs through the real runner in a subprocess, and how a job being written
 out of tree can be tried before it joins JOBS.
+
+A kind the config knows but nothing implements is never offered: `Workspace.jobs()` (the
+console's palette and jobs screen, `kyara jobs list`) leaves its files out with the reason
+`not_implemented` gives, and launching one (`kyara jobs run`) is refused before a run
+starts. The runner still answers one `not implemented` error event if asked directly.
 """
 
 from __future__ import annotations
@@ -27,19 +32,17 @@ from pipelines import events as ev
 from pipelines.config import JOB_KINDS, ConfigError
 from pipelines.events import Event
 
-# kind -> module with run(cfg, ctx). Kinds of pipelines.config.JOB_KINDS not listed here
-# are known to the config but not implemented yet.
-JOBS: dict[str, str] = {
-    "index": "pipelines.jobs.index",
-    "merge": "pipelines.jobs.merge",
-    "train": "pipelines.jobs.train",
-    "curate": "pipelines.jobs.curate",
-    "export": "pipelines.jobs.export",
-    "evolve": "pipelines.jobs.evolve",
-}
-ENV_MODULES = "KYARA_JOB_MODULES"
-
-_registered: dict[str, Any] = {}
+# Which kinds are implemented lives in pipelines/job_kinds.py: the workspace asks it too
+# (what the console offers), and must not import this package.
+from pipelines.job_kinds import (  # noqa: F401 - part of this package's interface
+    ENV_MODULES,
+    JOBS,
+    _registered,
+    is_implemented,
+    module_for,
+    not_implemented,
+    require_implemented,
+)
 
 
 class Job(Protocol):
@@ -106,7 +109,7 @@ class NotImplementedJob:
         self.kind = kind
 
     def run(self, cfg: Any, ctx: JobContext) -> Iterator[Event]:
-        yield ev.error(ev.NOT_IMPLEMENTED, f"job kind '{self.kind}' is not implemented yet")
+        yield ev.error(ev.NOT_IMPLEMENTED, not_implemented(self.kind) or "")
 
 
 def register(kind: str, job: Any) -> None:
@@ -116,27 +119,6 @@ def register(kind: str, job: Any) -> None:
 
 def unregister(kind: str) -> None:
     _registered.pop(kind, None)
-
-
-def _env_modules() -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for item in os.environ.get(ENV_MODULES, "").split(","):
-        if not item.strip():
-            continue
-        kind, sep, module = item.partition("=")
-        if not sep or not kind.strip() or not module.strip():
-            raise ConfigError(f"{ENV_MODULES}: expected kind=module[,kind=module], "
-                              f"found {item.strip()!r}")
-        mapping[kind.strip()] = module.strip()
-    return mapping
-
-
-def module_for(kind: str) -> str | None:
-    return _env_modules().get(kind) or JOBS.get(kind)
-
-
-def is_implemented(kind: str) -> bool:
-    return kind in _registered or module_for(kind) is not None
 
 
 def get_job(kind: str) -> Job:
@@ -165,6 +147,8 @@ __all__ = [
     "get_job",
     "output_dir",
     "is_implemented",
+    "not_implemented",
     "register",
+    "require_implemented",
     "unregister",
 ]

@@ -36,8 +36,7 @@ def output_dir(cfg: ExportJob, home: Path) -> Path:
 
 
 def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | None]:
-    from pipelines.inference.registry import resolve_path
-    from pipelines.inference.sources import resolve_hf_model
+    from pipelines.inference.sources import resolve_hf_model, resolve_path
 
     variant = ctx.workspace.variant(cfg.variant)
     if not isinstance(variant, HFVariant):
@@ -61,7 +60,6 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
 
     # Everything the user can get wrong is checked before any work.
     yield ev.stage("validate", f"variant {cfg.variant}")
-    from pipelines.export.api import register_gguf_variant
     from pipelines.export.convert import (
         ExportError,
         check_hf_dir,
@@ -72,6 +70,7 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
         stage_hf_dir,
     )
     from pipelines.export.tools import MARKER, converter_dir, tools_dir
+    from pipelines.variants import register_variant
 
     quants = check_quant_types(cfg.quantize)
     variant, model_dir, adapter = _source(cfg, ctx)
@@ -132,7 +131,7 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
             ctx.check_cancelled()
 
         yield ev.stage("verify", f"{len(files)} file(s) against {variant.name}")
-        from pipelines.export.verify import load_hf, persona_texts
+        from pipelines.export.verify import generation_required, load_hf, persona_texts
         from pipelines.export.verify import verify_gguf as check_one
 
         sentences, questions = persona_texts(persona_dir)
@@ -143,7 +142,7 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
             result = check_one(path, model_dir, sentences=sentences, questions=questions,
                                system=system, adapter=adapter, lora_path=lora_file,
                                kind=kind if lora_file is None else f"lora + {kind} base",
-                               require_generation=kind in ("f16", "f32"), hf_model=hf)
+                               require_generation=generation_required(kind), hf_model=hf)
             results[kind] = result
             for line in result.lines():
                 yield ev.log(line)
@@ -183,9 +182,9 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
             lora_path=str(out / lora_file.name) if lora_file else None,
             persona=variant.persona, generation=variant.generation,
             description=f"{variant.name} as GGUF {kind}" + (" + GGUF LoRA" if lora_file else ""))
-        yaml_path = register_gguf_variant(ctx.store, gguf_variant, ctx.home,
-                                          base=variant.model, run_id=ctx.run_id,
-                                          note=f"exported by kyara job {cfg.name}")
+        yaml_path = register_variant(ctx.store, gguf_variant, ctx.home,
+                                     base=variant.model, run_id=ctx.run_id,
+                                     note=f"exported by kyara job {cfg.name}")
         registered.append(name)
         yield ev.log(f"variant {name} registered: {yaml_path}")
     yield ev.done({

@@ -38,9 +38,9 @@ import yaml
 from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, TrainJob
-from pipelines.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.events import Event
 from pipelines.jobs import JobCancelled, JobContext
+from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
 
 _DONE = object()
 
@@ -64,8 +64,7 @@ def base_variant(ctx: JobContext, cfg: TrainJob) -> HFVariant:
 
 def ensure_base_files(ctx: JobContext, cfg: TrainJob, base: HFVariant) -> tuple[Path | str, str | None]:
     """The base model's folder (or hub id), and a note when it was dequantised now."""
-    from pipelines.inference.registry import resolve_path
-    from pipelines.inference.sources import resolve_hf_model
+    from pipelines.inference.sources import resolve_hf_model, resolve_path
 
     path = resolve_path(base.model, ctx.home)
     if path.exists():
@@ -81,7 +80,7 @@ def ensure_base_files(ctx: JobContext, cfg: TrainJob, base: HFVariant) -> tuple[
             gguf = ensure_embedded(source.embedded, ctx.home)
         else:
             gguf = resolve_path(source.path or "", ctx.home)
-        from pipelines.training.dequantize import dequantize_gguf
+        from pipelines.inference.dequantize import dequantize_gguf
 
         dequantize_gguf(gguf, path)
         return path, f"dequantised {gguf.name} into {path} (once; later runs reuse it)"
@@ -97,10 +96,6 @@ def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
         held = max(1, held)
     held = min(held, n - 1)
     return sorted(order[held:]), sorted(order[:held])
-
-
-def _dtype_bytes(cuda: bool) -> int:
-    return 2 if cuda else 4
 
 
 def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
@@ -169,14 +164,8 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
     ctx.check_cancelled()
 
     # --- memory --------------------------------------------------------------------------
-    from pipelines.training.memory import (
-        GiB,
-        ModelShape,
-        detect_device,
-        estimate,
-        fits,
-        suggestion,
-    )
+    from pipelines.merge.planner import model_shape
+    from pipelines.training.memory import GiB, data_sizes, detect_device, refusal, train_estimate
 
     yield ev.stage("memory", "estimating what the run needs")
     device = detect_device()
@@ -190,25 +179,17 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         except ImportError:
             raise ConfigError("qlora: 4-bit QLoRA needs the bitsandbytes package: pip install "
                               "'bitsandbytes>=0.46.1'") from None
-    shape = ModelShape.from_config(model_config)
-    longest = max(len(e.input_ids) for e in examples)
-    seq = min(cfg.max_seq_len, longest)
-    trained = max(sum(1 for x in e.labels if x != -100) for e in examples) * cfg.batch_size
-    est = estimate(shape, batch=cfg.batch_size, seq_len=seq, r=cfg.lora.r,
-                   dtype_bytes=_dtype_bytes(cuda), qlora=cfg.qlora, trained_tokens=trained,
-                   cuda=cuda)
+    # the one memory model, on what `kyara plan` reads too: headers, config, data
+    shape = model_shape(model_source, config=model_config)
+    sizes = data_sizes(examples, cfg.max_seq_len)
+    est = train_estimate(cfg, shape, sizes, cuda=cuda)
     yield ev.log(f"memory estimate: {est.describe()}; {device.name} has "
                  f"{device.free / GiB:.1f} GiB free")
     yield ev.metric("memory_estimate_gb", est.total / GiB, stage="memory")
     summary["memory_estimate"] = est.to_dict()
-    if cfg.check_memory and not fits(est, device):
-        better = suggestion(shape, device, batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                            seq_len=seq, r=cfg.lora.r, dtype_bytes=_dtype_bytes(cuda),
-                            qlora=cfg.qlora)
-        raise ConfigError(
-            f"this run would not fit: it needs {est.describe()} and {device.name} has "
-            f"{device.free / GiB:.1f} GiB free; "
-            + (f"try {better}" if better else "no smaller setting fits either"))
+    why = refusal(cfg, shape, sizes, device, est) if cfg.check_memory else None
+    if why:
+        raise ConfigError(why)
 
     # --- trainer -------------------------------------------------------------------------
     yield ev.stage("load", "loading the base model")
@@ -359,7 +340,7 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         f"# resolved config of the run {ctx.run_id} that wrote {adapter.name}/\n"
         + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
         encoding="utf-8")
-    from pipelines.training.register import register, trained_variant, write_variant_yaml
+    from pipelines.variants import register, trained_variant, write_variant_yaml
 
     variant = trained_variant(base, name, adapter, f"{cfg.base} + LoRA from job {cfg.name}")
     variant_yaml = write_variant_yaml(variant, ctx.home,

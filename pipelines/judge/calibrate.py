@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import CalibrationRow
-from pipelines.judge.runner import Judge
 from pipelines.judge.verdict import Interaction, JudgeError, Verdict
+
+if TYPE_CHECKING:  # a type only: the runner imports this module for calibration_status
+    from pipelines.judge.runner import Judge
 
 FILE_VERSION = 1
 

@@ -90,8 +90,6 @@ def make_provider(config: JudgeConfig, *, home: Path | None = None,
     crash there is a failed verdict, not a dead console); HTTP providers stay in process."""
     if config.provider == "llama_cpp":
         if isolated:
-            from pipelines.inference.worker import WorkerProvider
-
             return WorkerProvider(config, home=home)
         return LlamaCppProvider(config, home=home)
     return OpenAIProvider(config, env=env)
@@ -322,7 +320,19 @@ REASONING_TOKENS = 256
 LOCAL_CTX = 8192
 
 
-class LlamaCppProvider:
+class _LocalJudge:
+    """What both local judges (in process, in a worker) say about themselves."""
+
+    local = True
+
+    def __init__(self, config: JudgeConfig, home: Path | None) -> None:
+        self.config = config
+        self.model = config.model
+        self.home = Path(home) if home is not None else None
+        self.label = f"{config.model} (llama.cpp, local)"
+
+
+class LlamaCppProvider(_LocalJudge):
     """A GGUF judge in this process. `model` is a .gguf path (relative to the kyara home
     unless absolute) or `embedded:<name>` for a GGUF carried by a Python package.
 
@@ -330,13 +340,8 @@ class LlamaCppProvider:
     thread, so an async caller's event loop keeps running meanwhile.
     """
 
-    local = True
-
     def __init__(self, config: JudgeConfig, *, home: Path | None = None) -> None:
-        self.config = config
-        self.model = config.model
-        self.home = Path(home) if home is not None else None
-        self.label = f"{config.model} (llama.cpp, local)"
+        _LocalJudge.__init__(self, config, home)
         self._llm: Any = None
         self._lock = threading.Lock()
 
@@ -360,9 +365,9 @@ class LlamaCppProvider:
             return self._llm
         import llama_cpp
 
-        from pipelines.inference.gguf import _route_llama_logs
+        from pipelines.inference.llama_logs import route_llama_logs
 
-        _route_llama_logs(llama_cpp)
+        route_llama_logs(llama_cpp)
         path = self.model_path()
         if not path.is_file():
             raise JudgeError(f"judge {self.config.name}: model file not found: {path}")
@@ -462,3 +467,102 @@ class LlamaCppProvider:
             llm, self._llm = self._llm, None
             if llm is not None:
                 llm.close()
+
+    def close(self) -> None:
+        self.unload()
+
+    def complete_json(self, prompt: str) -> dict[str, Any]:
+        """`complete` for a worker process: synchronous, the Completion as JSON."""
+        return completion_to_json(self._complete_locked(prompt))
+
+
+def load_local_judge(judge: dict[str, Any], home: str | None) -> tuple[LlamaCppProvider, dict]:
+    """The child's model for a WorkerProvider (pipelines.inference.worker): the local judge,
+    loaded now so that a model that cannot load is the worker's load error."""
+    from pipelines.inference.base import BackendError
+
+    provider = LlamaCppProvider(JudgeConfig.model_validate(judge),
+                                home=Path(home) if home else None)
+    try:
+        provider._load()
+    except JudgeError as exc:  # no model file, a GGUF llama.cpp cannot read
+        raise BackendError(str(exc)) from None
+    return provider, {}
+
+
+class WorkerProvider(_LocalJudge):
+    """The local llama.cpp judge (LlamaCppProvider) in a worker process, for the console:
+    the same `complete` contract; a crash there is a failed verdict (retryable: the next
+    call starts a fresh worker), never a dead console."""
+
+    def __init__(self, config: JudgeConfig, *, home: Path | None = None) -> None:
+        _LocalJudge.__init__(self, config, home)
+        self._load = {"target": "pipelines.judge.providers:load_local_judge",
+                      "args": {"judge": config.model_dump(mode="json"),
+                               "home": str(self.home) if self.home is not None else None}}
+        self._process: Any = None
+        self._start_lock = threading.Lock()
+
+    def _ready(self) -> Any:
+        from pipelines.inference.worker import ModelProcess, worker_log
+
+        with self._start_lock:
+            if self._process is None or not self._process.alive:
+                process = ModelProcess(self._load, f"judge {self.config.name}",
+                                       worker_log(self.home, f"judge-{self.config.name}"))
+                process.start()
+                self._process = process
+            return self._process
+
+    def _complete(self, prompt: str) -> Completion:
+        from pipelines.inference.base import BackendError
+        from pipelines.inference.worker import RemoteError, WorkerDied
+
+        try:
+            result = self._ready().request("call", "judging a reply", method="complete_json",
+                                           args={"prompt": prompt})
+        except WorkerDied as exc:
+            raise ProviderError(LOCAL, str(exc), retryable=True) from None
+        except RemoteError as exc:
+            if exc.kind == "ProviderError":
+                f = exc.fields
+                raise ProviderError(f.get("kind", LOCAL), str(exc),
+                                    retryable=bool(f.get("retryable")),
+                                    retry_after=f.get("retry_after"),
+                                    fatal=bool(f.get("fatal"))) from None
+            raise ProviderError(LOCAL, str(exc), retryable=False) from None
+        except BackendError as exc:  # the model could not be loaded: every call would fail
+            raise ProviderError(LOCAL, str(exc), retryable=False, fatal=True) from None
+        return completion_from_json(result)
+
+    async def complete(self, prompt: str) -> Completion:
+        return await asyncio.to_thread(self._complete, prompt)
+
+    async def aclose(self) -> None:
+        """Nothing belongs to a loop here: the model stays loaded for the next call."""
+
+    def unload(self) -> None:
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+
+def completion_to_json(completion: Completion) -> dict[str, Any]:
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = [{"token": t.token, "logprob": t.logprob, "top": [list(x) for x in t.top],
+                     "bytes": list(t.bytes) if t.bytes is not None else None}
+                    for t in completion.logprobs]
+    return {"text": completion.text, "logprobs": logprobs, "tokens": completion.tokens,
+            "finish_reason": completion.finish_reason}
+
+
+def completion_from_json(data: dict[str, Any]) -> Completion:
+    logprobs = None
+    if data.get("logprobs") is not None:
+        logprobs = [TokenLogprob(t["token"], float(t["logprob"]),
+                                 tuple((a, float(b)) for a, b in t["top"]),
+                                 bytes(t["bytes"]) if t["bytes"] is not None else None)
+                    for t in data["logprobs"]]
+    return Completion(text=data["text"], logprobs=logprobs, tokens=int(data["tokens"]),
+                      finish_reason=data.get("finish_reason"))

@@ -6,7 +6,7 @@ one resident model and scored by its replies.
   Values are clipped into their bounds and rounded, and the rounded configuration is the
   one evaluated, stored and written out: what was scored is what mergekit would merge.
 - Fitness (`Evaluator`): replies to the held-out questions generated on the resident model
-  (batched; persona system prompt, folded where the template has no system role), scored
+  (pipelines.evaluation, batched; persona system prompt, folded where the template has no system role), scored
   by the persona judge over its API (mean per criterion, G-Eval weighted where logprobs
   exist), the deterministic style checks and an optional capability check. A failed
   verdict is left out of the means, never counted as 0; when fewer than `min_judged` of
@@ -303,7 +303,9 @@ class Evaluator:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.template = self._template()
-        self.eos_ids = self._eos_ids()
+        from pipelines.evaluation import end_of_generation_ids
+
+        self.eos_ids = list(end_of_generation_ids(self.model, self.tokenizer))
         data = workspace.persona_data(cfg.persona)
         self.rules = data.persona.speech
         from pipelines.prompting import system_prompt
@@ -333,47 +335,23 @@ class Evaluator:
             return GEMMA_TEMPLATE
         raise ConfigError("models: the tokenizer has no chat template")
 
-    def _eos_ids(self) -> list[int]:
-        ids: list[Any] = []
-        declared = getattr(self.model.generation_config, "eos_token_id", None)
-        ids += declared if isinstance(declared, list) else [declared]
-        ids.append(self.tokenizer.eos_token_id)
-        if "<end_of_turn>" in self.tokenizer.get_vocab():
-            ids.append(self.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
-        return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i >= 0))
-
     # --- generation -------------------------------------------------------------------
 
-    def generate(self, questions: Sequence[Question]) -> list[tuple[str, str]]:
-        """(reply, stop reason eos|length) per question, batched on the resident model."""
-        import torch
+    def generate(self, questions: Sequence[Question]) -> list[Any]:
+        """One evaluation.Reply per question (text stripped; stop eos|length) from the
+        resident model: pipelines.evaluation's batched generation with this job's batch
+        size, tokens and temperature (greedy at 0), the persona system prompt folded where
+        the template has no system role."""
+        from pipelines.evaluation import generate
 
-        from pipelines.prompting import build_messages, render_prompt
-
-        tok = self.tokenizer
-        prompts = [render_prompt(self.template, build_messages(self.system, [], q.text),
-                                 bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-                   for q in questions]
-        sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": self.cfg.temperature}
-            if self.cfg.temperature > 0 else
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
-        out: list[tuple[str, str]] = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            batch = prompts[start:start + self.cfg.batch_size]
-            enc = tok(batch, add_special_tokens=False, return_tensors="pt", padding=True)
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            with torch.no_grad():
-                ids = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens,
-                                          eos_token_id=self.eos_ids,
-                                          pad_token_id=tok.pad_token_id, **sampling)
-            for row in ids[:, enc["input_ids"].shape[1]:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-                text = tok.decode(row[:cut] if cut is not None else row,
-                                  skip_special_tokens=True)
-                out.append((text.strip(), "eos" if cut is not None else "length"))
-            del ids, enc
-        return out
+        replies = generate(self.model, self.tokenizer, [q.text for q in questions],
+                           template=self.template, system=self.system,
+                           max_new_tokens=self.cfg.max_new_tokens,
+                           batch_size=self.cfg.batch_size, temperature=self.cfg.temperature,
+                           end_ids=self.eos_ids)
+        for reply in replies:
+            reply.text = reply.text.strip()
+        return replies
 
     # --- one evaluation ---------------------------------------------------------------
 
@@ -382,21 +360,20 @@ class Evaluator:
         besides index / generation / genome."""
         import torch
 
+        from pipelines.evaluation import figures
         from pipelines.merge.merge import validate_merge_config
-        from pipelines.style import check_reply, style_score
 
         started = time.perf_counter()
         torch.manual_seed(seed)  # dare's random masks, and sampling when configured
         self.merger.apply(validate_merge_config(merge, "merge"))
         replies = self.generate(self.questions)
-        style = statistics.fmean(style_score(check_reply(r, self.rules, stop))
-                                 for r, stop in replies)
+        style = figures("candidate", replies, self.rules).style
         capability = None
         if self.capability:
             answers = self.generate(self.capability)
             capability = statistics.fmean(
-                any(e.lower() in a.lower() for e in q.expected)
-                for q, (a, _) in zip(self.capability, answers, strict=True))
+                any(e.lower() in a.text.lower() for e in q.expected)
+                for q, a in zip(self.capability, answers, strict=True))
         record: dict[str, Any] = {"seed": seed, "merge": merge}
         judge_means: dict[str, float] | None = None
         status, error = "ok", None
@@ -416,19 +393,19 @@ class Evaluator:
                 "capability": None if capability is None else round(capability, 6)},
             "criteria": judge_means or {},
             "verdicts": counts,
-            "samples": [{"id": q.id, "question": q.text, "reply": r, "stop": stop}
-                        for q, (r, stop) in list(zip(self.questions, replies,
-                                                     strict=True))[: self.cfg.samples]],
+            "samples": [{"id": q.id, "question": q.text, "reply": r.text, "stop": r.stop}
+                        for q, r in list(zip(self.questions, replies,
+                                             strict=True))[: self.cfg.samples]],
             "seconds": round(time.perf_counter() - started, 3),
         })
         return record
 
-    def _judge(self, replies: list[tuple[str, str]]
+    def _judge(self, replies: list[Any]
                ) -> tuple[dict[str, float] | None, dict[str, int], str | None]:
         from pipelines.judge import Interaction
 
-        interactions = [Interaction.from_pair(q.text, r, id=q.id)
-                        for q, (r, _) in zip(self.questions, replies, strict=True)]
+        interactions = [Interaction.from_pair(q.text, r.text, id=q.id)
+                        for q, r in zip(self.questions, replies, strict=True)]
         results = self.loop.run_until_complete(
             self.judge.score_items(interactions, self.criteria))
         counts = {"ok": 0, "invalid": 0, "failed": 0}

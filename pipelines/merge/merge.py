@@ -136,10 +136,9 @@ def register_merged(ctx: Any, name: str, out: Path, config: Any, description: st
     """The merged model in `out` as an hf variant: <home>/models/<name>.yaml and a store row
     (its base: the mergekit config's base model, if any). Returns the YAML's path."""
     from pipelines.config import HFVariant
-    from pipelines.training.register import register, write_variant_yaml
+    from pipelines.variants import register_variant
 
     variant = HFVariant(name=name, backend="hf", model=str(out), description=description)
-    variant_yaml = write_variant_yaml(variant, ctx.home, note)
-    register(ctx.store, variant, base=str(config.base_model.model.path)
-             if config.base_model else "", run_id=ctx.run_id, yaml_path=variant_yaml)
-    return variant_yaml
+    base = str(config.base_model.model.path) if config.base_model else ""
+    return register_variant(ctx.store, variant, ctx.home, base=base, run_id=ctx.run_id,
+                            note=note)

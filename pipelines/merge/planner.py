@@ -1,6 +1,8 @@
 """Memory planner: predicted peak GPU memory and host RAM of a merge, evolve, train or eval
 job, from the models' config.json and safetensors headers only (no weights are loaded, no
-torch import), compared with the device's budget.
+torch import), compared with the device's budget. A train job's plan is the job's own
+memory model (pipelines/training/memory.py) on the job's data, read with the base model's
+tokenizer: `kyara plan` shows the number the job refuses on.
 
 A plan is a list of named terms per place (gpu / host). When a place is over budget the
 plan names its largest term and what to change so it fits: naming the term is the point —
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
+from pipelines.training import memory
+from pipelines.training.memory import ModelShape
 
 GiB = 1024**3
 MiB = 1024**2
@@ -202,6 +206,7 @@ class Plan:
     # per place, what to change when that place is over budget, keyed by term name
     remedies: dict[str, Any] = field(default_factory=dict)  # text, or f(room) -> text
     notes: list[str] = field(default_factory=list)
+    margin: float = 1.0  # the share of each budget the job may use (train: memory.MARGIN)
 
     @property
     def gpu_peak(self) -> int:
@@ -219,11 +224,14 @@ class Plan:
         if self.gpu:
             if self.budget.gpu is None:
                 found.append(("gpu", self.gpu_peak, 0))
-            elif self.gpu_peak > self.budget.gpu:
-                found.append(("gpu", self.gpu_peak, self.budget.gpu))
-        if self.host_peak > self.budget.host:
-            found.append(("host", self.host_peak, self.budget.host))
+            elif self.gpu_peak > self.usable(self.budget.gpu):
+                found.append(("gpu", self.gpu_peak, self.usable(self.budget.gpu)))
+        if self.host_peak > self.usable(self.budget.host):
+            found.append(("host", self.host_peak, self.usable(self.budget.host)))
         return found
+
+    def usable(self, limit: int) -> int:
+        return int(limit * self.margin)
 
     @property
     def fits(self) -> bool:
@@ -282,6 +290,8 @@ class Plan:
             if not terms:
                 continue
             where = f" of {human(limit)}" if limit else ""
+            if limit and self.margin < 1:
+                where += f" ({self.margin:.0%} usable: {human(self.usable(limit))})"
             out.append(f"{place} peak {human(peak)}{where}")
             out.extend(f"  {t.name:<28} {human(t.bytes):>11}  {t.note}" for t in terms)
         out.extend(f"note: {n}" for n in self.notes)
@@ -436,58 +446,57 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     return plan
 
 
-def _lora_params(m: ModelStats, r: int, target: Any) -> int:
-    h, i = m.hidden, m.intermediate
-    q = m.heads * m.head_dim
-    kv = m.kv_heads * m.head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    if isinstance(target, str) and target != "all-linear":
-        target = [target]
-    names = shapes if target == "all-linear" or target is None else [
-        t for t in target if t in shapes]
-    return m.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+def model_shape(model_dir: str | Path, base_dir: Path | None = None,
+                config: Any = None) -> ModelShape:
+    """The shape the train memory model takes, from the safetensors headers (the exact
+    parameter count); from a transformers config only where there are no local headers (a
+    hub id whose weights are not downloaded yet), which `kyara plan` cannot read either."""
+    try:
+        return ModelShape.from_stats(inspect_model(model_dir, base_dir))
+    except ConfigError:
+        if config is None:
+            raise
+        return ModelShape.from_config(config)
 
 
 def plan_train(cfg: Any, model_dir: str, base_dir: Path | None = None,
-               device: str = "cuda") -> Plan:
+               device: str = "cuda", workspace: Any = None) -> Plan:
+    """The train job's own estimate (pipelines/training/memory.py), term by term: the same
+    number it refuses on. With the workspace, from the job's data as the job tokenises it;
+    without, from max_seq_len (an upper bound)."""
     m = inspect_model(model_dir, base_dir)
-    bpp = 0.55 if cfg.qlora else (2.0 if device == "cuda" else 4.0)
-    weights = int(m.params * bpp)
-    lora = _lora_params(m, cfg.lora.r, cfg.lora.target_modules)
-    tokens = cfg.batch_size * cfg.max_seq_len
-    act_bpp = 2 if device == "cuda" else 4
-    # Per layer, without checkpointing: ~ (34 h + 5 heads seq) bytes per token at 2 bytes
-    # (Korthikanti et al. 2022); logits and their gradient in fp32 on top.
-    per_layer = tokens * (34 * m.hidden + 5 * m.heads * cfg.max_seq_len) * act_bpp / 2
-    layers = 1 if cfg.gradient_checkpointing and device == "cuda" else m.layers
-    activations = int(per_layer * layers + (m.hidden * tokens * act_bpp * m.layers
-                                            if layers == 1 else 0))
-    logits = int(tokens * m.vocab * 4 * 2)
-    plan = Plan(job="train", device=device)
-    target = plan.gpu if device == "cuda" else plan.host
-    if device == "cuda":
-        plan.gpu.append(Term("CUDA context", CUDA_CONTEXT))
-    target.append(Term("weights", weights, ("4-bit" if cfg.qlora else "") +
+    shape = ModelShape.from_stats(m)
+    cuda = device == "cuda"
+    plan = Plan(job="train", device=device, margin=memory.MARGIN)
+    if workspace is not None:
+        sizes = memory.sizes_from_files(cfg, workspace, m.path)
+        plan.notes.append(f"from the data: longest example {sizes.seq_len} tokens, at most "
+                          f"{sizes.trained_per_example} trained")
+    else:
+        sizes = memory.DataSizes.bound(cfg)
+        plan.notes.append(f"without the data: every example {sizes.seq_len} tokens long")
+    est = memory.train_estimate(cfg, shape, sizes, cuda=cuda)
+    one = memory.train_estimate(cfg, shape, sizes, cuda=cuda, batch=1)
+    four_bit = memory.train_estimate(cfg, shape, sizes, cuda=cuda, qlora=True)
+    batch = f"batch {cfg.batch_size} x seq {sizes.seq_len}"
+    target = plan.gpu if cuda else plan.host
+    target.append(Term("CUDA context, allocator slack" if cuda else
+                       "process (torch, tokenizer, data)", est.overhead))
+    target.append(Term("weights", est.weights, ("4-bit" if cfg.qlora else "") +
                        f" {m.params / 1e6:.0f}M params",
-                       floor=None if cfg.qlora else int(m.params * 0.55)))
-    target.append(Term("LoRA + AdamW state", lora * 16,
-                       f"{lora / 1e6:.1f}M trainable: fp32 weight, grad, m, v"))
-    target.append(Term("activations", activations,
-                       f"batch {cfg.batch_size} x seq {cfg.max_seq_len}",
-                       floor=activations // cfg.batch_size))
-    target.append(Term("logits", logits, f"vocab {m.vocab}, fp32, with gradient",
-                       floor=logits // cfg.batch_size))
-    plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers, TRL"))
-    if device == "cuda":
+                       floor=four_bit.weights if cuda and not cfg.qlora else None))
+    target.append(Term("LoRA + AdamW state", est.adapter + est.optimizer,
+                       f"{est.lora_params / 1e6:.1f}M trainable: fp32 weight, grad, m, v"))
+    target.append(Term("activations", est.activations, batch, floor=one.activations))
+    target.append(Term("logits", est.logits, f"vocab {m.vocab}, fp32, trained positions",
+                       floor=one.logits))
+    if cuda:
+        plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers, TRL"))
         plan.host.append(Term("loading copy", int(m.bytes), "weights pass through host RAM"))
-    smaller = 1
+    effective = cfg.grad_accum * cfg.batch_size
     plan.remedies = {
-        "activations": f"batch_size {smaller} with grad_accum "
-                       f"{cfg.grad_accum * cfg.batch_size}"
-                       + ("" if cfg.gradient_checkpointing else ", or gradient_checkpointing"),
-        "logits": f"batch_size {smaller} with grad_accum {cfg.grad_accum * cfg.batch_size}, "
-                  "or a shorter max_seq_len",
+        "activations": f"batch_size 1 with grad_accum {effective}, or a shorter max_seq_len",
+        "logits": f"batch_size 1 with grad_accum {effective}, or a shorter max_seq_len",
         "weights": "qlora: true (4-bit base weights)",
     }
     return plan
@@ -531,7 +540,7 @@ def plan_job(cfg: Any, workspace: Any = None, budget: Budget | None = None) -> l
             raise ConfigError("base: a train job names a variant; the planner needs the workspace")
         variant = workspace.variant(cfg.base)
         plans = [plan_train(cfg, getattr(variant, "model", ""), base_dir,
-                            device="cuda" if cuda else "cpu")]
+                            device="cuda" if cuda else "cpu", workspace=workspace)]
     elif kind == "eval":
         if workspace is None:
             raise ConfigError("variants: the planner needs the workspace to resolve them")

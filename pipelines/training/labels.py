@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, HFVariant
-from pipelines.data import PrepOptions, prepare, read_conversations
+from pipelines.training.data import PrepOptions, prepare, read_conversations
 from pipelines.training.examples import (
     chat_template_for,
     check_labels,

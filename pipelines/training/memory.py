@@ -14,14 +14,23 @@ an hour later costs the run):
 - the logits of the trained positions (TRL / our loss compute only those), three copies
   (logits, softmax, gradient);
 - a fixed overhead (CUDA context, allocator slack, the Python process).
+
+This is the one memory model of a train job: the job refuses on it (`refusal`) and
+`kyara plan` prints it (`pipelines/merge/planner.plan_train`), from the same model files
+and the same data (`data_sizes`, `sizes_from_files`); the model's shape comes from its
+safetensors headers in both (`planner.model_shape`). Measured against it: bench/README.md
+(gpu/train_gemma2_2b.py, train_throughput.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 GiB = 1024 ** 3
+MARGIN = 0.9  # a run must fit in this share of the free memory
 
 
 @dataclass
@@ -32,6 +41,23 @@ class ModelShape:
     heads: int
     intermediate: int
     vocab: int
+    kv_heads: int | None = None     # None: as many as heads
+    head_dim: int | None = None     # None: hidden // heads
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden // max(self.heads, 1)
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> ModelShape:
+        """From the planner's ModelStats (safetensors headers + config.json): the exact
+        parameter count, no torch."""
+        return cls(stats.params, stats.hidden, stats.layers, stats.heads, stats.intermediate,
+                   stats.vocab, stats.kv_heads, stats.head_dim)
 
     @classmethod
     def from_config(cls, config: Any, params: int | None = None) -> ModelShape:
@@ -40,33 +66,36 @@ class ModelShape:
         layers = text.num_hidden_layers
         inter = getattr(text, "intermediate_size", 4 * hidden)
         vocab = text.vocab_size
+        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         if params is None:  # from the shapes: embeddings + attention + MLP per layer
-            head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-            kv = getattr(text, "num_key_value_heads", text.num_attention_heads)
             attn = hidden * head_dim * (2 * text.num_attention_heads + 2 * kv)
             params = vocab * hidden + layers * (attn + 3 * hidden * inter)
             if not getattr(text, "tie_word_embeddings", False):
                 params += vocab * hidden
-        return cls(params, hidden, layers, text.num_attention_heads, inter, vocab)
+        return cls(params, hidden, layers, text.num_attention_heads, inter, vocab, kv, head_dim)
 
 
 @dataclass
 class Estimate:
-    weights: float
-    adapter: float      # LoRA weights + gradients + optimizer state
-    optimizer: float
-    activations: float
-    overhead: float
+    weights: int
+    adapter: int        # LoRA weights + gradients (fp32)
+    optimizer: int      # AdamW's two moments
+    activations: int
+    logits: int
+    overhead: int
     lora_params: int
 
     @property
-    def total(self) -> float:
-        return self.weights + self.adapter + self.optimizer + self.activations + self.overhead
+    def total(self) -> int:
+        return (self.weights + self.adapter + self.optimizer + self.activations + self.logits
+                + self.overhead)
 
     def describe(self) -> str:
-        return (f"~{self.total / GiB:.1f} GiB (weights {self.weights / GiB:.2f}, adapter "
+        return (f"~{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f}, adapter "
                 f"{self.adapter / GiB:.2f}, optimizer {self.optimizer / GiB:.2f}, activations "
-                f"{self.activations / GiB:.2f}, overhead {self.overhead / GiB:.2f})")
+                f"{self.activations / GiB:.2f}, logits {self.logits / GiB:.2f}, overhead "
+                f"{self.overhead / GiB:.2f})")
 
     def to_dict(self) -> dict[str, float]:
         data = {k: round(v / GiB, 3) for k, v in asdict(self).items() if k != "lora_params"}
@@ -75,17 +104,33 @@ class Estimate:
         return data
 
 
-def lora_params(shape: ModelShape, r: int) -> int:
-    """all-linear LoRA: q, k, v, o, gate, up, down; each adds r x (in + out). Counted as if
-    k and v were full width (grouped-query attention makes them smaller): an upper bound."""
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_params(shape: ModelShape, r: int, target: Any = "all-linear") -> int:
+    """LoRA parameters: each adapted linear layer (in x out) adds r x (in + out). all-linear
+    is q, k, v, o, gate, up, down; k and v as wide as the key-value heads make them."""
     h, i = shape.hidden, shape.intermediate
-    return shape.layers * r * (4 * 2 * h + 3 * (h + i))
+    q, kv = shape.heads * shape.dim, shape.kv * shape.dim
+    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    if target is None or target == "all-linear":
+        names: Sequence[str] = LORA_MODULES
+    else:
+        names = [target] if isinstance(target, str) else [t for t in target if t in sizes]
+    return shape.layers * sum(r * sum(sizes[n]) for n in names if n in sizes)
+
+
+def logits_bytes(trained_tokens: int, vocab: int) -> int:
+    """The logits of the trained positions (our loss computes only those), fp32, three
+    copies: logits, softmax, gradient."""
+    return 3 * trained_tokens * vocab * 4
 
 
 def estimate(shape: ModelShape, *, batch: int, seq_len: int, r: int, dtype_bytes: int,
-             qlora: bool = False, trained_tokens: int | None = None, cuda: bool = False
-             ) -> Estimate:
-    n_lora = lora_params(shape, r)
+             qlora: bool = False, trained_tokens: int | None = None, cuda: bool = False,
+             target_modules: Any = "all-linear") -> Estimate:
+    n_lora = lora_params(shape, r, target_modules)
     if qlora:
         # NF4 covers the layers' linear weights only; the embeddings stay unquantised, and
         # PEFT's prepare_model_for_kbit_training casts them (and the norms) to fp32.
@@ -99,19 +144,88 @@ def estimate(shape: ModelShape, *, batch: int, seq_len: int, r: int, dtype_bytes
     tokens = batch * seq_len
     per_token_layer = 18 * shape.hidden + 4 * shape.intermediate + 2 * shape.heads * seq_len
     activations = tokens * shape.layers * per_token_layer * act_bytes
-    trained = trained_tokens if trained_tokens is not None else max(1, tokens // 4)
-    activations += 3 * trained * shape.vocab * 4  # logits in fp32
     activations += tokens * shape.hidden * 4 * 2  # embeddings in and hidden states out
+    trained = trained_tokens if trained_tokens is not None else max(1, tokens // 4)
     return Estimate(
-        weights=weights,
+        weights=int(weights),
         adapter=n_lora * 4 * 2,         # fp32 weights + gradients
         optimizer=n_lora * 4 * 2,       # AdamW: exp_avg, exp_avg_sq
-        activations=activations,
+        activations=int(activations),
+        logits=logits_bytes(trained, shape.vocab),
         # CUDA: context and allocator slack. CPU: the process itself (torch, the tokenizer,
         # datasets), which the peak RSS counts: ~2 GiB measured with the 270M quick-start.
-        overhead=(1.0 if cuda else 2.0) * GiB,
+        overhead=int((1.0 if cuda else 2.0) * GiB),
         lora_params=n_lora,
     )
+
+
+# --------------------------------------------------------------------------------------
+# A train job: its config, its model and its data -> the estimate it runs or refuses on
+
+
+@dataclass
+class DataSizes:
+    """What the data makes of a batch: the padded length (the longest example, at most
+    max_seq_len) and the trained positions of the example with the most of them."""
+    seq_len: int
+    trained_per_example: int
+
+    @classmethod
+    def bound(cls, cfg: Any) -> DataSizes:
+        """Without the data: every example max_seq_len long, a quarter of it trained."""
+        return cls(cfg.max_seq_len, max(1, cfg.max_seq_len // 4))
+
+
+def data_sizes(examples: Sequence[Any], max_seq_len: int) -> DataSizes:
+    """From tokenised examples (pipelines.training.examples.Example)."""
+    longest = max(len(e.input_ids) for e in examples)
+    trained = max(sum(1 for x in e.labels if x != -100) for e in examples)
+    return DataSizes(min(max_seq_len, longest), trained)
+
+
+def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
+    """The train job's data steps with the tokenizer only (no model loaded): its
+    conversations, prepared as the job prepares them, with the persona's system prompt,
+    tokenised with the base model's chat template and truncated to max_seq_len."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipelines.config import ConfigError
+    from pipelines.training.data import PrepOptions, prepare, read_conversations
+    from pipelines.training.examples import chat_template_for, terminator, tokenize, with_system
+
+    source = (Path(cfg.data) if cfg.data
+              else workspace.persona_dir(cfg.persona) / "dialogues.jsonl")
+    rows = read_conversations(source)
+    if cfg.prep:
+        rows, _ = prepare(rows, PrepOptions(max_chars=cfg.max_reply_chars))
+        if not rows:
+            raise ConfigError(f"{source}: no conversation is left after preparation")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{model_dir}: cannot load the tokenizer: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
+    template = chat_template_for(tokenizer, model_type)
+    end_text, _ = terminator(tokenizer, template)
+    system = workspace.persona(cfg.persona).prompts.system if cfg.system_prompt else None
+    examples = [tokenize(tokenizer, template, with_system(r["messages"], system),
+                         cfg.max_seq_len, end_text) for r in rows]
+    return data_sizes(examples, cfg.max_seq_len)
+
+
+def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
+                   batch: int | None = None, seq_len: int | None = None,
+                   qlora: bool | None = None) -> Estimate:
+    """The estimate of a train job (TrainJob); batch / seq_len / qlora: the same run with
+    that one setting changed (what `suggestion` and the planner's remedies try)."""
+    batch = cfg.batch_size if batch is None else batch
+    seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
+    return estimate(shape, batch=batch, seq_len=seq, r=cfg.lora.r,
+                    dtype_bytes=2 if cuda else 4,
+                    qlora=cfg.qlora if qlora is None else qlora,
+                    trained_tokens=min(sizes.trained_per_example, seq) * batch, cuda=cuda,
+                    target_modules=cfg.lora.target_modules)
 
 
 @dataclass
@@ -134,32 +248,42 @@ def detect_device() -> Device:
     return Device("cpu", "host RAM", float(vm.available), float(vm.total))
 
 
-def fits(est: Estimate, device: Device, margin: float = 0.9) -> bool:
+def fits(est: Estimate, device: Device, margin: float = MARGIN) -> bool:
     return est.total <= device.free * margin
 
 
-def suggestion(shape: ModelShape, device: Device, *, batch: int, grad_accum: int, seq_len: int,
-               r: int, dtype_bytes: int, qlora: bool, margin: float = 0.9) -> str | None:
+def suggestion(cfg: Any, shape: ModelShape, sizes: DataSizes, device: Device,
+               margin: float = MARGIN) -> str | None:
     """A setting that would fit: a smaller batch (same effective batch through grad_accum),
     then a shorter max_seq_len, then QLoRA on CUDA. None when nothing tried fits."""
+    cuda = device.kind == "cuda"
+    batch, effective = cfg.batch_size, cfg.batch_size * cfg.grad_accum
     b = batch
     while b > 1:
         b //= 2
-        est = estimate(shape, batch=b, seq_len=seq_len, r=r, dtype_bytes=dtype_bytes,
-                       qlora=qlora, cuda=device.kind == "cuda")
+        est = train_estimate(cfg, shape, sizes, cuda=cuda, batch=b)
         if fits(est, device, margin):
-            accum = max(1, (batch * grad_accum) // b)
-            return f"batch_size: {b}, grad_accum: {accum} ({est.describe()})"
-    s = seq_len
+            return f"batch_size: {b}, grad_accum: {max(1, effective // b)} ({est.describe()})"
+    s = sizes.seq_len
     while s > 64:
         s //= 2
-        est = estimate(shape, batch=1, seq_len=s, r=r, dtype_bytes=dtype_bytes, qlora=qlora,
-                       cuda=device.kind == "cuda")
+        est = train_estimate(cfg, shape, sizes, cuda=cuda, batch=1, seq_len=s)
         if fits(est, device, margin):
-            return f"batch_size: 1, grad_accum: {batch * grad_accum}, max_seq_len: {s} ({est.describe()})"
-    if device.kind == "cuda" and not qlora:
-        est = estimate(shape, batch=1, seq_len=seq_len, r=r, dtype_bytes=dtype_bytes,
-                       qlora=True, cuda=True)
+            return f"batch_size: 1, grad_accum: {effective}, max_seq_len: {s} ({est.describe()})"
+    if cuda and not cfg.qlora:
+        est = train_estimate(cfg, shape, sizes, cuda=True, batch=1, qlora=True)
         if fits(est, device, margin):
-            return f"qlora: true, batch_size: 1, grad_accum: {batch * grad_accum} ({est.describe()})"
+            return f"qlora: true, batch_size: 1, grad_accum: {effective} ({est.describe()})"
     return None
+
+
+def refusal(cfg: Any, shape: ModelShape, sizes: DataSizes, device: Device,
+            est: Estimate | None = None) -> str | None:
+    """Why the train job refuses to start on `device` (one line), or None when it fits."""
+    est = est or train_estimate(cfg, shape, sizes, cuda=device.kind == "cuda")
+    if fits(est, device):
+        return None
+    better = suggestion(cfg, shape, sizes, device)
+    return (f"this run would not fit: it needs {est.describe()} and {device.name} has "
+            f"{device.free / GiB:.1f} GiB free (a run may use {MARGIN:.0%} of it); "
+            + (f"try {better}" if better else "no smaller setting fits either"))

@@ -1,6 +1,11 @@
 """The train job's mini-evaluation: load the base model and the adapter just written,
 answer the eval questions with and without it, measure, and judge when a judge is set and
-answers. Returns what the job stores: both sides' figures, the table, every reply."""
+answers. Returns what the job stores: both sides' figures, the table, every reply.
+
+Both sides run on one loaded copy: the trained adapter is loaded from the folder the job
+wrote (so what is measured is what was saved), and the base answers with the adapter
+disabled. Generation and figures are pipelines.evaluation's (greedy, batched, the persona's
+speech rules as the console's badges read them); the targets are the quick-start's."""
 
 from __future__ import annotations
 
@@ -9,8 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Persona, TrainJob
-from pipelines.prompting import build_messages, render_prompt
-from pipelines.training.evaluate import Figures, Reply, figures, generate, table
+from pipelines.evaluation import (
+    Figures,
+    Reply,
+    end_of_generation_ids,
+    figures,
+    generate,
+    table,
+)
+
+# What the quick-start is measured against (issue 6), by Figures field.
+TARGETS = {"ends_maru": "≥ 80%", "ojousama": "≥ 60%", "median_chars": "≤ 45",
+           "stop_eos": "≥ 95%"}
 
 
 def run_mini_eval(ctx: Any, cfg: TrainJob, persona: Persona, base_name: str, name: str,
@@ -25,34 +40,24 @@ def run_mini_eval(ctx: Any, cfg: TrainJob, persona: Persona, base_name: str, nam
     model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.to("cuda" if cuda else "cpu").eval()
-    end_ids = _end_ids(model, tokenizer, end_id)
-    system = persona.prompts.system if cfg.system_prompt else None
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    prompts = [tokenizer(render_prompt(template, build_messages(system, [], q), bos_token=bos,
-                                       eos_token=eos), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    # end_id, the terminator training taught, is <end_of_turn> or EOS: always among these
+    end_ids = end_of_generation_ids(model, tokenizer)
+    end_ids.setdefault(end_id, tokenizer.convert_ids_to_tokens(end_id))
+    how = {"template": template, "system": persona.prompts.system if cfg.system_prompt else None,
+           "max_new_tokens": cfg.eval_max_new_tokens, "end_ids": end_ids}
     with model.disable_adapter():
-        before_replies = generate(model, tokenizer, prompts, questions, end_ids,
-                                  cfg.eval_max_new_tokens)
-    after_replies = generate(model, tokenizer, prompts, questions, end_ids,
-                             cfg.eval_max_new_tokens)
+        before_replies = generate(model, tokenizer, questions, **how)
+    after_replies = generate(model, tokenizer, questions, **how)
     before = figures(base_name, before_replies, persona.speech)
     after = figures(name, after_replies, persona.speech)
     del model
     _judge(ctx, cfg, questions, before, before_replies, after, after_replies)
     return {
-        "before": before.to_dict(), "after": after.to_dict(), "table": table(before, after),
+        "before": before.to_dict(), "after": after.to_dict(),
+        "table": table(before, after, TARGETS),
         "replies": [{"question": q, "base": asdict(b), "trained": asdict(a)}
                     for q, b, a in zip(questions, before_replies, after_replies, strict=True)],
     }
-
-
-def _end_ids(model: Any, tokenizer: Any, end_id: int) -> list[int]:
-    """Every id the hf backend stops on: the terminator, the tokenizer's EOS, the model's."""
-    ids = [end_id, tokenizer.eos_token_id]
-    declared = getattr(model.generation_config, "eos_token_id", None)
-    ids += declared if isinstance(declared, list) else [declared]
-    return [i for i in dict.fromkeys(ids) if isinstance(i, int) and i >= 0]
 
 
 def _judge(ctx: Any, cfg: TrainJob, questions: list[str], before: Figures,

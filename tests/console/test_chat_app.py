@@ -256,7 +256,13 @@ async def test_resume_shows_the_past_and_export(ws, store, tmp_path):
 async def test_compare_side_by_side_and_reopen(ws, store, tmp_path):
     from console.compare import CompareScreen
 
-    variants = {n: ws.variant(n) for n in ("gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane")}
+    # the compare set picks only a tuned variant this machine can load: its model and
+    # adapter folders are here
+    for folder in ("base", "adapter"):
+        (tmp_path / folder).mkdir()
+    variants = {n: ws.variant(n).model_copy(update={"model": str(tmp_path / "base")})
+                for n in ("gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane")}
+    variants["gemma-2-2b-jpn-it-ayane"].adapter = str(tmp_path / "adapter")
     session = ChatSession(store=store, persona=ws.persona("ayane"),
                           variant=variants["gemma-2-2b-jpn-it"], backend=ScriptedBackend())
     loaded = []

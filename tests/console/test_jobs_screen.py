@@ -54,7 +54,8 @@ async def test_start_watch_and_reattach(ws_with_variant, tmp_path):
         await pilot.press("n")
         await pilot.pause()
         await pilot.press("enter")  # the only job file: index-tiny
-        await wait(pilot, lambda: screen.runs and screen.runs[0].status == "done")
+        # steps: the first e5-onnx build alone takes ~15 s, longer on a loaded machine
+        await wait(pilot, lambda: screen.runs and screen.runs[0].status == "done", steps=1200)
         run = screen.runs[0]
         view = screen.views[run.id]
         assert view.finished and view.progress[0] == view.progress[1] == 5

@@ -8,7 +8,7 @@ import pytest
 
 from console.app import KyaraApp
 from pipelines.chat import ChatSession
-from pipelines.inference.registry import spawn_backend
+from pipelines.inference.worker import spawn_backend
 from pipelines.workspace import Workspace
 from store import Store
 from tests.conftest import CONFIGS

@@ -15,8 +15,8 @@ import pytest
 from pipelines.config import ConfigError, HFVariant
 from pipelines.inference import sources
 from pipelines.inference.base import BackendError
-from pipelines.inference.registry import load_backend, looks_like_hub_id
-from pipelines.inference.sources import ModelSourceError, resolve_hf_model
+from pipelines.inference.registry import load_backend
+from pipelines.inference.sources import ModelSourceError, looks_like_hub_id, resolve_hf_model
 from tests.conftest import CONFIGS, run_kyara
 
 
@@ -153,8 +153,7 @@ def test_the_real_probe_runs_once_per_process_and_is_bounded(monkeypatch):
 def test_the_dequantised_folder_is_made_on_first_use(tmp_path, hub, monkeypatch):
     """`models/gemma-3-270m-hf` (configs/models/gemma3-270m-hf.yaml) is the embedded GGUF
     dequantised: made when first needed, as the GGUF itself is assembled."""
-    from pipelines.inference import embedded
-    from pipelines.training import dequantize
+    from pipelines.inference import dequantize, embedded
 
     home = tmp_path / "home"
     made = []
@@ -205,15 +204,12 @@ def test_data_inspect_names_the_missing_model_at_once(tmp_path):
            "HF_HOME": str(tmp_path / "hf-home")}
     for variant, expect in (("remote-hf", "huggingface-cli download kyara-test/no-such-model"),
                             ("lost-hf", "model folder not found")):
-        started = time.monotonic()
         proc = run_kyara("data", "inspect", str(data), "--variant", variant, env=env,
                          timeout=60)
-        elapsed = time.monotonic() - started
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and expect in lines[0], proc.stderr
-        assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr
-        assert elapsed < 30  # interpreter start and imports only: no retry loop
+        assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr  # no retry loop
 
 
 def test_the_notice_before_making_a_folder(tmp_path):

@@ -76,7 +76,7 @@ def test_the_hook_maps_a_kind_to_a_module(fake_jobs, job_file, ctx):
 
 
 def test_index_job_says_when_it_builds_the_embedder(configs, ctx, monkeypatch):
-    import pipelines.e5onnx as e5onnx
+    import pipelines.retrieval.e5onnx as e5onnx
 
     monkeypatch.setattr(e5onnx, "is_built", lambda home=None: False)  # as on a first run
     cfg = load_job(configs / "jobs" / "index-tiny.yaml")

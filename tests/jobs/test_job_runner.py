@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import yaml
 
@@ -110,9 +109,8 @@ def test_in_process_run_and_main(fake_jobs, job_file, configs, workspace, tmp_pa
 
 def test_sigterm_cancels_in_the_middle_of_a_step(fake_jobs, job_file, configs, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    started = time.monotonic()
     outcome = runner.run(job_file("selfterm"), run_dir=tmp_path / "r", configs=configs)
-    assert time.monotonic() - started < 5  # the 10 s sleep was cut short
+    assert not (tmp_path / "r" / "slept-through").exists()  # the 10 s sleep was cut short
     assert (outcome.status, outcome.exit_code) == ("cancelled", 143)
     assert [(e.type, e.kind) for e in events_of(tmp_path / "r")][-2:] == [
         ("progress", None), ("error", "cancelled")]

@@ -4,7 +4,7 @@ event loop; cancelling stops the rest; the sync wrapper for scripts."""
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import pytest
 from scripted_judge_server import answer
@@ -25,15 +25,28 @@ def by_criterion(request):
     return answer("口調。", 3)
 
 
+def held_until(release: threading.Event, released: list[bool]):
+    """Personality is answered only once `release` is set (or after 30 s, a safety net
+    that records False); style at once."""
+    def respond(request):
+        if "personalities and preferences" in request.prompt:
+            released.append(release.wait(30))
+            return answer("性格。", 6)
+        return answer("口調。", 3)
+
+    return respond
+
+
 async def test_verdicts_arrive_as_each_criterion_finishes(server, make_judge):
-    server.responder = by_criterion
+    release, released = threading.Event(), []
+    server.responder = held_until(release, released)
     judge = make_judge()
-    started = time.perf_counter()
     arrivals = []
     async for verdict in score_live(judge, CHAT, message_id="msg-1"):
-        arrivals.append((verdict.criterion, verdict.score, time.perf_counter() - started))
-    assert [(c, s) for c, s, _ in arrivals] == [("style", 3), ("personality", 6)]
-    assert arrivals[1][2] - arrivals[0][2] >= 0.3  # style did not wait for personality
+        arrivals.append((verdict.criterion, verdict.score))
+        release.set()  # personality is answered only after style's verdict is out
+    assert arrivals == [("style", 3), ("personality", 6)]
+    assert released == [True]  # style's verdict came while personality was still held
     # The system text is not part of what is judged; the verdicts are stored.
     assert all("お嬢様のように振る舞って" not in r.prompt.split("[Interactions]")[1]
                for r in server.requests)
@@ -44,20 +57,26 @@ async def test_verdicts_arrive_as_each_criterion_finishes(server, make_judge):
 
 
 async def test_the_callers_loop_keeps_running(server, make_judge):
-    server.delay = 0.3
+    # The server answers only once a task on the caller's loop has run while the requests
+    # were in flight: a judge that blocked the loop would leave them held (False).
+    release, released = threading.Event(), []
+
+    def respond(request):
+        released.append(release.wait(30))
+        return answer("理由。", 5)
+
+    server.responder = respond
     judge = make_judge(store=False)
-    ticks = 0
 
     async def ticker():
-        nonlocal ticks
-        while True:
+        while server.in_flight < 2:  # both criteria asked, none answered
             await asyncio.sleep(0.01)
-            ticks += 1
+        release.set()
 
     task = asyncio.create_task(ticker())
     verdicts = [v async for v in score_live(judge, CHAT, message_id="m")]
     task.cancel()
-    assert len(verdicts) == 2 and ticks >= 15
+    assert len(verdicts) == 2 and released == [True, True]
 
 
 async def test_cancelling_the_worker_cancels_the_criteria_still_running(server, make_judge):

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.data import (
+from pipelines.training.data import (
     PrepOptions,
     add_final_mark,
     clean_text,

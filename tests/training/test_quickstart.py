@@ -1,6 +1,7 @@
 """The CPU quick-start, whole: the packaged Gemma 3 270M dequantised, LoRA-trained on the
 Ayane dialogues, and its mini-evaluation against the base model. ~15-20 minutes on 2 cores:
-slow-marked (make test-slow)."""
+slow-marked (make test-slow). How long it takes is measured by bench/quickstart.py, not
+asserted here."""
 
 from __future__ import annotations
 
@@ -30,6 +31,5 @@ def test_quickstart_makes_the_270m_speak_as_ayane(tmp_path):
     assert after["median_chars"] <= 45
     assert after["stop_eos"] >= 0.95
     assert after["stop_eos"] > before["stop_eos"]
-    assert summary["train_seconds"] < 15 * 60
     trained = Workspace.load(CONFIGS).variant("gemma3-270m-ayane")
     assert Path(trained.adapter) == Path(summary["adapter"]).resolve()

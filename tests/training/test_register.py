@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import yaml
 
-from pipelines.config import HFVariant
-from pipelines.training.memory import Device, ModelShape, estimate, fits, suggestion
-from pipelines.training.register import trained_variant, write_variant_yaml
+from pipelines.config import HFVariant, TrainJob
+from pipelines.training.memory import (
+    DataSizes,
+    Device,
+    ModelShape,
+    estimate,
+    fits,
+    suggestion,
+    train_estimate,
+)
+from pipelines.variants import trained_variant, write_variant_yaml
 from pipelines.workspace import Workspace
 
 
@@ -40,10 +48,13 @@ def test_memory_estimate_grows_with_the_batch_and_suggests_a_smaller_one():
     assert qlora.weights < 0.7 * big.weights  # NF4 layers, fp32 embeddings
     gpu = Device("cuda", "RTX 3090", 22 * 1024 ** 3, 24 * 1024 ** 3)
     assert not fits(estimate(shape, batch=64, seq_len=1024, r=16, dtype_bytes=2, cuda=True), gpu)
-    hint = suggestion(shape, gpu, batch=64, grad_accum=1, seq_len=1024, r=16, dtype_bytes=2,
-                      qlora=False)
+    cfg = TrainJob(job="train", name="t", base="x", batch_size=64, grad_accum=1,
+                   max_seq_len=1024)
+    sizes = DataSizes(seq_len=1024, trained_per_example=256)
+    assert not fits(train_estimate(cfg, shape, sizes, cuda=True), gpu)
+    hint = suggestion(cfg, shape, sizes, gpu)
     assert hint is not None and hint.startswith("batch_size: ")
     size = int(hint.split(",")[0].split(": ")[1])
     accum = int(hint.split("grad_accum: ")[1].split(" ")[0])
     assert size < 64 and size * accum == 64  # the same effective batch
-    assert fits(estimate(shape, batch=size, seq_len=1024, r=16, dtype_bytes=2, cuda=True), gpu)
+    assert fits(train_estimate(cfg, shape, sizes, cuda=True, batch=size), gpu)

@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.config import ConfigError, HFVariant, parse_job
 from pipelines.jobs import JobContext, get_job
-from pipelines.training.register import variant_row_id
+from pipelines.variants import variant_row_id
 from pipelines.workspace import Workspace
 from tests.training.conftest import train_job
 

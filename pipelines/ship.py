@@ -1,7 +1,7 @@
 """Build the Ayane adapter that ships with kyara (`make ayane-adapter`), so the default
 console answers as Ayane on a fresh machine without training first.
 
-    python -m pipelines.training.ship [--home DIR] [--run-dir DIR] [--out DIR] [--force]
+    python -m pipelines.ship [--home DIR] [--run-dir DIR] [--out DIR] [--force]
 
 1. the CPU quick-start train job (configs/jobs/quickstart-ayane-270m.yaml, fixed seed) in
    its own kyara home, unless the run directory already holds a finished run;
@@ -72,8 +72,8 @@ def gguf_figures(home: Path, adapter: Path | None, max_new_tokens: int
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Style figures of the GGUF base (adapter None) or base + adapter over the persona's
     eval questions, greedy, through the chat engine's gguf backend."""
+    from pipelines.evaluation import figures, replies_from_backend
     from pipelines.inference.registry import load_backend
-    from pipelines.training.evaluate import figures, replies_from_backend
     from pipelines.workspace import Workspace
 
     ws = Workspace.load(REPO / "configs")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                     for b, a in zip(base_replies, ayane_replies, strict=True)),
             encoding="utf-8")
         (out / "provenance.yaml").write_text(
-            "# How adapter.gguf was made: python -m pipelines.training.ship (make ayane-adapter)\n"
+            "# How adapter.gguf was made: python -m pipelines.ship (make ayane-adapter)\n"
             + yaml.safe_dump(provenance, allow_unicode=True, sort_keys=False), encoding="utf-8")
         os.replace(path, target)
     finally:

