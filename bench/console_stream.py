@@ -195,7 +195,7 @@ async def run_jobs(presses: int, history: int) -> None:
         app = KyaraApp(session, variants={}, backend_loader=None, workspace=ws)
         key_lat: list[float] = []
         try:
-            async with app.run_test(size=(80, 24)) as pilot:
+            async with app.run_test(size=(80, 24)):
                 screen = MeasuredJobsScreen(ws, store)
                 await app.push_screen(screen)
                 while not (len(screen.runs) >= 2 and runs["slow"].id in screen.views

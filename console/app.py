@@ -421,8 +421,9 @@ class KyaraApp(App[None]):
 
         s = self.session
         try:
+            home = self.workspace.settings.home_path() if self.workspace is not None else None
             combos = default_combos(self.variants or {s.variant.name: s.variant}, s.variant,
-                                    s.retriever is not None, self.compare_spec)
+                                    s.retriever is not None, self.compare_spec, home=home)
         except BackendError as exc:
             self.notify(str(exc), severity="error", markup=False)
             return

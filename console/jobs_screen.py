@@ -303,6 +303,7 @@ class JobsScreen(Screen[None]):
                   view.version if view is not None else -1))
         if shown == self._shown_detail:
             return
+        other_run = not self._shown_detail or shown is None or self._shown_detail[0] != shown[0]
         self._shown_detail = shown
         head = self.query_one("#run-head", Static)
         chart = self.query_one("#run-chart", Sparkline)
@@ -327,7 +328,7 @@ class JobsScreen(Screen[None]):
         scroll = self.query_one("#run-log-scroll", VerticalScroll)
         at_end = scroll.scroll_y >= scroll.max_scroll_y  # keep reading where the user is
         log.update(Text("\n".join(view.lines[-LOG_ENTRIES:])))
-        if at_end:
+        if at_end or other_run:
             scroll.call_after_refresh(scroll.scroll_end, animate=False)
 
     @on(OptionList.OptionHighlighted, "#runs")

@@ -1,9 +1,16 @@
 """The `evolve` job: an evolutionary merge (CMA-ES over mergekit parameters) whose
 candidates are merged in memory into one resident model and scored by the persona judge.
 
-Stages: validate, plan (refuses when the memory plan does not fit), load (the resident
-model, once), evaluate (progress: evaluations; metrics fitness, best_fitness,
-judge_<criterion>), write (best_merge.yaml), then materialize and register when asked.
+`run` is the list of its stages, each a function of its own:
+
+    validate        validate     models, questions and the search space; the search folder
+    check_plan      plan         refuses when the memory plan does not fit
+    evolve          load         the resident model (or Ray actors), once
+                    evaluate     progress: evaluations; metrics fitness, best_fitness,
+                                 judge_<criterion>
+    write_best      write        best_merge.yaml
+    _materialize    materialize  with materialize: true, the merge made and registered
+                    register
 
 The search lives in its folder (`output`, default <home>/evolve/<name>):
 
@@ -23,8 +30,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines import events as ev
 from pipelines import jobs
@@ -43,20 +52,58 @@ def search_dir(cfg: EvolveJob, home: Path) -> Path:
 def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
     started = time.perf_counter()
     yield ev.start("evolve", cfg.name, f"{cfg.method} evolve over {len(cfg.models)} models")
+    setup = yield from validate(cfg, ctx)
+    if not (yield from check_plan(cfg, ctx)):
+        return
+    ctx.check_cancelled()
+    result = yield from evolve(cfg, ctx, setup)
+    best = result.best
+    if best is None:
+        yield ev.error(NO_RESULT, f"every evaluation failed (see {setup.log.path}); the judge "
+                                  "gave no usable verdicts")
+        return
+    config, text = yield from write_best(cfg, ctx, setup.folder, result)
+    summary = {
+        "best_fitness": best["fitness"],
+        "best_index": best["index"],
+        "best_merge": str(setup.folder / setup.best_file),
+        "evaluations": len(result.records),
+        "evaluated": result.evaluated,
+        "replayed": result.replayed,
+        "failed": sum(r["status"] != "ok" for r in result.records),
+        "search_dir": str(setup.folder),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if cfg.materialize:
+        yield from _materialize(cfg, ctx, config, text, setup.folder, summary)
+    yield ev.done(summary)
 
+
+@dataclass
+class Setup:
+    """What validation hands on: the search space over the resolved models, the search
+    folder and its evaluation log."""
+
+    space: Any       # pipelines.merge.evolve.SearchSpace
+    out_dtype: str
+    folder: Path
+    log: Any         # pipelines.merge.evolve.EvaluationLog
+    best_file: str   # pipelines.merge.evolve.BEST_FILE
+
+
+def validate(cfg: EvolveJob, ctx: JobContext) -> Generator[Event, None, Setup]:
+    """Models, questions and the search space checked before any model is loaded; a
+    rerun of the same folder with other settings is refused."""
     yield ev.stage("validate", "checking models, questions and the search space")
     from pipelines.merge.evolve import (
         BEST_FILE,
         EvaluationLog,
-        SearchResult,
         SearchSpace,
+        fingerprint,
         resolve_sources,
-        search,
-        sequential,
         stored_dtype,
     )
     from pipelines.merge.merge import check_variant_name, validate_merge_config
-    from pipelines.merge.planner import detect_budget, plan_evolve
 
     check_variant_name(cfg.name)
     if cfg.ray:
@@ -72,11 +119,16 @@ def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
     validate_merge_config(space.decode(space.x0), "merge")  # the space makes valid configs
     folder = search_dir(cfg, ctx.home)
     log = EvaluationLog(folder)
-    from pipelines.merge.evolve import fingerprint
-
     log.check_search(fingerprint(cfg, space))
     yield ev.log(f"search folder {folder}; {len(space.variables)} parameters, "
                  f"{cfg.population} x {cfg.generations} evaluations")
+    return Setup(space, out_dtype, folder, log, BEST_FILE)
+
+
+def check_plan(cfg: EvolveJob, ctx: JobContext) -> Generator[Event, None, bool]:
+    """Peak memory predicted from the safetensors headers against this device; an error
+    event and False when it does not fit."""
+    from pipelines.merge.planner import detect_budget, plan_evolve
 
     yield ev.stage("plan", "predicting peak memory from the safetensors headers")
     plan = plan_evolve(cfg, ctx.home, context=None, batch=cfg.batch_size)
@@ -84,40 +136,52 @@ def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
     yield from plan.events()
     if not plan.fits:
         yield ev.error(MEMORY, f"refused: {plan.verdict()}")
-        return
-    ctx.check_cancelled()
+        return False
+    return True
 
-    yield ev.stage("load", f"resident model on {cfg.options.device} ({out_dtype})")
+
+def evolve(cfg: EvolveJob, ctx: JobContext, setup: Setup) -> Generator[Event, None, Any]:
+    """The resident model (or a pool of Ray actors) loaded once, then the CMA-ES search,
+    stored evaluations replayed first; returns the SearchResult. The model is closed
+    however the search ends."""
+    from pipelines.merge.evolve import SearchResult, search, sequential
+
+    yield ev.stage("load", f"resident model on {cfg.options.device} ({setup.out_dtype})")
     pool = evaluator = None
     result = SearchResult([], 0, 0)
     try:
         if cfg.ray:
             from pipelines.merge.evolve_ray import RayPool
 
-            pool = RayPool(cfg, str(ctx.workspace.configs), space)
+            pool = RayPool(cfg, str(ctx.workspace.configs), setup.space)
             yield ev.log(f"Ray: {pool.size} actor(s)")
             evaluate = pool.evaluate
         else:
             from pipelines.merge.evolve import Evaluator
 
-            evaluator = Evaluator(cfg, ctx.workspace, space)
+            evaluator = Evaluator(cfg, ctx.workspace, setup.space)
             yield ev.log(f"{len(evaluator.questions)} held-out question(s)"
                          + (f", {len(evaluator.capability)} capability question(s)"
                             if evaluator.capability else ""))
             evaluate = sequential(evaluator)
         ctx.check_cancelled()
-        yield from search(cfg, space, log, evaluate, result, ctx.check_cancelled)
+        yield from search(cfg, setup.space, setup.log, evaluate, result, ctx.check_cancelled)
     finally:
         if evaluator is not None:
             evaluator.close()
         if pool is not None:
             pool.close()
+    return result
+
+
+def write_best(cfg: EvolveJob, ctx: JobContext, folder: Path,
+               result: Any) -> Generator[Event, None, tuple[Any, str]]:
+    """The best configuration as plain mergekit YAML, in the search folder and the run's;
+    returns it (validated) and its text."""
+    from pipelines.merge.evolve import BEST_FILE
+    from pipelines.merge.merge import validate_merge_config
 
     best = result.best
-    if best is None:
-        yield ev.error(NO_RESULT, f"every evaluation failed (see {log.path}); the judge "
-                                  "gave no usable verdicts")
-        return
     yield ev.stage("write", BEST_FILE)
     config = validate_merge_config(best["merge"], "merge")
     text = config.to_yaml()
@@ -126,20 +190,7 @@ def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:
     for place in (folder, ctx.run_dir):
         Path(place).mkdir(parents=True, exist_ok=True)
         _write_atomic(Path(place) / BEST_FILE, header + text)
-    summary = {
-        "best_fitness": best["fitness"],
-        "best_index": best["index"],
-        "best_merge": str(folder / BEST_FILE),
-        "evaluations": len(result.records),
-        "evaluated": result.evaluated,
-        "replayed": result.replayed,
-        "failed": sum(r["status"] != "ok" for r in result.records),
-        "search_dir": str(folder),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if cfg.materialize:
-        yield from _materialize(cfg, ctx, config, text, folder, summary)
-    yield ev.done(summary)
+    return config, text
 
 
 def _materialize(cfg: EvolveJob, ctx: JobContext, config, text: str, folder: Path,

@@ -2,7 +2,18 @@
 with llama.cpp's own converter -> quantised -> verified against the HF model -> registered
 as `gguf` variants (store row + <home>/models/<name>.yaml).
 
-Stages: validate, tools, merge adapter (or prepare), convert, quantise, verify, register.
+`run` is the list of its stages, each a function of its own:
+
+    validate        validate        everything the user can get wrong, before any work
+    fetch_tools     tools           llama.cpp's converters (fetched on first use)
+    stage_model     merge adapter   the HF folder the converter reads (adapter merged in),
+                    / prepare       in the temporary folder
+    convert         convert         HF -> GGUF (and the adapter -> GGUF LoRA: lora_only)
+    quantise        quantise        the converted file into each `quantize` type
+    verify          verify          every file against the HF model (verification.json)
+    publish         register        the temporary folder renamed into the output
+    register        (no stage)      one gguf variant per file
+
 With `lora_only: true` the adapter becomes a GGUF LoRA file (convert_lora_to_gguf.py) and
 the base is converted beside it, so the registered variant is base GGUF + `lora_path`.
 
@@ -17,8 +28,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines import events as ev
 from pipelines import jobs
@@ -33,6 +46,89 @@ VERIFICATION_FILE = "verification.json"
 
 def output_dir(cfg: ExportJob, home: Path) -> Path:
     return jobs.output_dir(cfg.output, home, "exports", cfg.name)
+
+
+def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
+    started = time.perf_counter()
+    yield ev.start("export", cfg.name, f"{cfg.variant} -> GGUF {cfg.outtype}"
+                   + (f" + {', '.join(cfg.quantize)}" if cfg.quantize else ""))
+    src = yield from validate(cfg, ctx)
+    tools = yield from fetch_tools(ctx)
+    from pipelines.export.convert import ExportError
+
+    partial = src.out.with_name(f".{src.out.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        staged = yield from stage_model(cfg, ctx, src, partial)
+        files = yield from convert(cfg, ctx, src, tools, staged, partial)
+        yield from quantise(cfg, ctx, src, files, partial)
+        results = yield from verify(ctx, src, files)
+        failed = [f"{kind}: {'; '.join(r.problems)}" for kind, r in results.items()
+                  if not r.passed]
+        if failed:
+            yield ev.error(VERIFICATION, "verification failed, nothing registered: "
+                           + " | ".join(failed))
+            return
+        yield from publish(src, staged, partial, results)
+    except ExportError as exc:
+        yield ev.error(EXPORT, str(exc))
+        return
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    registered = yield from register(cfg, ctx, src, files)
+    yield ev.done({
+        "variants": registered,
+        "output": str(src.out),
+        "files": sorted(p.name for p in src.out.glob("*.gguf")),
+        "verification": {kind: r.summary() for kind, r in results.items()},
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+
+
+@dataclass
+class Source:
+    """What validation found: the variant, its model folder and adapter, the quantisation
+    types, where the export goes and the persona it is verified on."""
+
+    variant: HFVariant
+    model_dir: Path
+    adapter: Path | None
+    quants: list[str]
+    out: Path
+    persona: str
+    persona_dir: Path
+
+
+@dataclass
+class Files:
+    """The GGUF files made so far, by kind (outtype, then each quantisation type), and the
+    GGUF LoRA file with `lora_only`."""
+
+    by_kind: dict[str, Path]
+    lora: Path | None = None
+
+
+def validate(cfg: ExportJob, ctx: JobContext) -> Generator[Event, None, Source]:
+    """Everything the user can get wrong, checked before any work."""
+    yield ev.stage("validate", f"variant {cfg.variant}")
+    from pipelines.export.convert import check_hf_dir, check_quant_types
+
+    quants = check_quant_types(cfg.quantize)
+    variant, model_dir, adapter = _source(cfg, ctx)
+    check_hf_dir(model_dir)
+    try:
+        GGUFVariant(name=f"{cfg.name}-{cfg.outtype}", backend="gguf", path=".")
+    except Exception:
+        raise ConfigError(f"name: '{cfg.name}' cannot name a variant (letters, digits, "
+                          "_ . + - only)") from None
+    out = output_dir(cfg, ctx.home)
+    if out.exists() and not cfg.force:
+        raise ConfigError(f"output: {out} exists (set force: true in the job file to "
+                          "overwrite it)")
+    persona = variant.persona or ctx.workspace.settings.default_persona
+    return Source(variant, model_dir, adapter, quants, out, persona,
+                  ctx.workspace.persona_dir(persona))
 
 
 def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | None]:
@@ -53,39 +149,9 @@ def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | No
     return variant, model, adapter
 
 
-def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
-    started = time.perf_counter()
-    yield ev.start("export", cfg.name, f"{cfg.variant} -> GGUF {cfg.outtype}"
-                   + (f" + {', '.join(cfg.quantize)}" if cfg.quantize else ""))
-
-    # Everything the user can get wrong is checked before any work.
-    yield ev.stage("validate", f"variant {cfg.variant}")
-    from pipelines.export.convert import (
-        ExportError,
-        check_hf_dir,
-        check_quant_types,
-        convert_hf,
-        convert_lora,
-        quantize,
-        stage_hf_dir,
-    )
+def fetch_tools(ctx: JobContext) -> Generator[Event, None, Path]:
+    """llama.cpp's converters: `llama_cpp_dir` when set, else fetched once into the home."""
     from pipelines.export.tools import MARKER, converter_dir, tools_dir
-    from pipelines.variants import register_variant
-
-    quants = check_quant_types(cfg.quantize)
-    variant, model_dir, adapter = _source(cfg, ctx)
-    check_hf_dir(model_dir)
-    try:
-        GGUFVariant(name=f"{cfg.name}-{cfg.outtype}", backend="gguf", path=".")
-    except Exception:
-        raise ConfigError(f"name: '{cfg.name}' cannot name a variant (letters, digits, "
-                          "_ . + - only)") from None
-    out = output_dir(cfg, ctx.home)
-    if out.exists() and not cfg.force:
-        raise ConfigError(f"output: {out} exists (set force: true in the job file to "
-                          "overwrite it)")
-    persona_name = variant.persona or ctx.workspace.settings.default_persona
-    persona_dir = ctx.workspace.persona_dir(persona_name)
 
     yield ev.stage("tools", "llama.cpp's converters")
     llama_cpp_dir = ctx.workspace.settings.llama_cpp_dir
@@ -95,86 +161,120 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
     tools = converter_dir(ctx.home, llama_cpp_dir)
     yield ev.log(f"converters: {tools}")
     ctx.check_cancelled()
+    return tools
 
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        staged = partial / "hf"
-        merge = adapter is not None and not cfg.lora_only
-        yield ev.stage("merge adapter" if merge else "prepare",
-                       f"{adapter} into {model_dir.name}" if merge else str(model_dir))
-        for line in stage_hf_dir(model_dir, staged, adapter=adapter if merge else None):
-            yield ev.log(line)
+
+def stage_model(cfg: ExportJob, ctx: JobContext, src: Source,
+                partial: Path) -> Generator[Event, None, Path]:
+    """The HF folder the converter reads, under `partial`: the adapter merged in unless
+    `lora_only`."""
+    from pipelines.export.convert import stage_hf_dir
+
+    staged = partial / "hf"
+    merge = src.adapter is not None and not cfg.lora_only
+    yield ev.stage("merge adapter" if merge else "prepare",
+                   f"{src.adapter} into {src.model_dir.name}" if merge else str(src.model_dir))
+    for line in stage_hf_dir(src.model_dir, staged, adapter=src.adapter if merge else None):
+        yield ev.log(line)
+    ctx.check_cancelled()
+    return staged
+
+
+def _suffix(cfg: ExportJob) -> str:
+    return "-base" if cfg.lora_only else ""
+
+
+def convert(cfg: ExportJob, ctx: JobContext, src: Source, tools: Path, staged: Path,
+            partial: Path) -> Generator[Event, None, Files]:
+    """The staged folder as a GGUF of `outtype`; with `lora_only`, the adapter as a GGUF
+    LoRA beside it."""
+    from pipelines.export.convert import convert_hf, convert_lora
+
+    yield ev.stage("convert", f"{src.model_dir.name} -> {cfg.outtype}")
+    converted = partial / f"{cfg.name}{_suffix(cfg)}-{cfg.outtype}.gguf"
+    yield from _logged(convert_hf(tools, staged, converted, cfg.outtype), ctx)
+    files = Files({cfg.outtype: converted})
+    if cfg.lora_only:
+        files.lora = partial / f"{cfg.name}-lora-{cfg.outtype}.gguf"
+        yield ev.log(f"adapter {src.adapter} -> {files.lora.name}")
+        yield from _logged(convert_lora(tools, src.adapter, staged, files.lora, cfg.outtype),
+                           ctx)
+    yield ev.metric("gguf_bytes", converted.stat().st_size, stage="convert")
+    return files
+
+
+def quantise(cfg: ExportJob, ctx: JobContext, src: Source, files: Files,
+             partial: Path) -> Iterator[Event]:
+    """The converted file into each quantisation type (added to `files`)."""
+    from pipelines.export.convert import quantize
+
+    if not src.quants:
+        return
+    yield ev.stage("quantise", ", ".join(src.quants))
+    converted = files.by_kind[cfg.outtype]
+    for i, qtype in enumerate(src.quants):
+        target = partial / f"{cfg.name}{_suffix(cfg)}-{qtype}.gguf"
+        quantize(converted, target, qtype)
+        files.by_kind[qtype] = target
+        yield ev.progress(i + 1, len(src.quants), "files", stage="quantise")
+        yield ev.log(f"{target.name}: {target.stat().st_size / 2**20:.1f} MiB")
         ctx.check_cancelled()
 
-        yield ev.stage("convert", f"{model_dir.name} -> {cfg.outtype}")
-        suffix = "-base" if cfg.lora_only else ""
-        converted = partial / f"{cfg.name}{suffix}-{cfg.outtype}.gguf"
-        yield from _logged(convert_hf(tools, staged, converted, cfg.outtype), ctx)
-        files: dict[str, Path] = {cfg.outtype: converted}
-        lora_file: Path | None = None
-        if cfg.lora_only:
-            lora_file = partial / f"{cfg.name}-lora-{cfg.outtype}.gguf"
-            yield ev.log(f"adapter {adapter} -> {lora_file.name}")
-            yield from _logged(convert_lora(tools, adapter, staged, lora_file, cfg.outtype), ctx)
-        yield ev.metric("gguf_bytes", converted.stat().st_size, stage="convert")
 
-        if quants:
-            yield ev.stage("quantise", ", ".join(quants))
-        for i, qtype in enumerate(quants):
-            target = partial / f"{cfg.name}{suffix}-{qtype}.gguf"
-            quantize(converted, target, qtype)
-            files[qtype] = target
-            yield ev.progress(i + 1, len(quants), "files", stage="quantise")
-            yield ev.log(f"{target.name}: {target.stat().st_size / 2**20:.1f} MiB")
-            ctx.check_cancelled()
+def verify(ctx: JobContext, src: Source, files: Files) -> Generator[Event, None, dict[str, Any]]:
+    """Every file against the HF model (loaded once) on the persona's sentences and eval
+    questions; the report in the run's verification.json. Returns the Verification of each
+    kind."""
+    from pipelines.export import verify as checks
 
-        yield ev.stage("verify", f"{len(files)} file(s) against {variant.name}")
-        from pipelines.export.verify import generation_required, load_hf, persona_texts
-        from pipelines.export.verify import verify_gguf as check_one
+    yield ev.stage("verify", f"{len(files.by_kind)} file(s) against {src.variant.name}")
+    sentences, questions = checks.persona_texts(src.persona_dir)
+    system = ctx.workspace.persona(src.persona).prompts.system
+    hf = checks.load_hf(src.model_dir, src.adapter)
+    results = {}
+    for kind, path in files.by_kind.items():
+        result = checks.verify_gguf(
+            path, src.model_dir, sentences=sentences, questions=questions, system=system,
+            adapter=src.adapter, lora_path=files.lora,
+            kind=kind if files.lora is None else f"lora + {kind} base",
+            require_generation=checks.generation_required(kind), hf_model=hf)
+        results[kind] = result
+        for line in result.lines():
+            yield ev.log(line)
+        ctx.check_cancelled()
+    del hf
+    (ctx.run_dir / VERIFICATION_FILE).write_text(_report(results), encoding="utf-8")
+    return results
 
-        sentences, questions = persona_texts(persona_dir)
-        system = ctx.workspace.persona(persona_name).prompts.system
-        hf = load_hf(model_dir, adapter)
-        results = {}
-        for kind, path in files.items():
-            result = check_one(path, model_dir, sentences=sentences, questions=questions,
-                               system=system, adapter=adapter, lora_path=lora_file,
-                               kind=kind if lora_file is None else f"lora + {kind} base",
-                               require_generation=generation_required(kind), hf_model=hf)
-            results[kind] = result
-            for line in result.lines():
-                yield ev.log(line)
-            ctx.check_cancelled()
-        del hf
-        report = {kind: r.to_dict() for kind, r in results.items()}
-        (ctx.run_dir / VERIFICATION_FILE).write_text(
-            json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-        failed = [f"{kind}: {'; '.join(r.problems)}" for kind, r in results.items()
-                  if not r.passed]
-        if failed:
-            yield ev.error(VERIFICATION, "verification failed, nothing registered: "
-                           + " | ".join(failed))
-            return
 
-        yield ev.stage("register", str(out))
-        shutil.rmtree(staged, ignore_errors=True)
-        (partial / VERIFICATION_FILE).write_text(
-            json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-        if out.exists():  # force: true (checked above)
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(partial, out)
-    except ExportError as exc:
-        yield ev.error(EXPORT, str(exc))
-        return
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+def _report(results: dict[str, Any]) -> str:
+    report = {kind: r.to_dict() for kind, r in results.items()}
+    return json.dumps(report, ensure_ascii=False, indent=2)
 
+
+def publish(src: Source, staged: Path, partial: Path, results: dict[str, Any]) -> Iterator[Event]:
+    """The verified files (and their verification.json) renamed into the output; an
+    output there before (`force: true`) is replaced."""
+    yield ev.stage("register", str(src.out))
+    out = src.out
+    shutil.rmtree(staged, ignore_errors=True)
+    (partial / VERIFICATION_FILE).write_text(_report(results), encoding="utf-8")
+    if out.exists():  # force: true (checked in validate)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.replace(out, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(partial, out)
+
+
+def register(cfg: ExportJob, ctx: JobContext, src: Source,
+             files: Files) -> Generator[Event, None, list[str]]:
+    """One gguf variant per published file (store row + <home>/models/<name>.yaml);
+    returns their names."""
+    from pipelines.variants import register_variant
+
+    variant, out, lora_file = src.variant, src.out, files.lora
     registered = []
-    for kind, path in files.items():
+    for kind, path in files.by_kind.items():
         final = out / path.name
         name = f"{cfg.name}-{kind.lower()}"
         gguf_variant = GGUFVariant(
@@ -187,13 +287,7 @@ def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:
                                      note=f"exported by kyara job {cfg.name}")
         registered.append(name)
         yield ev.log(f"variant {name} registered: {yaml_path}")
-    yield ev.done({
-        "variants": registered,
-        "output": str(out),
-        "files": sorted(p.name for p in out.glob("*.gguf")),
-        "verification": {kind: r.summary() for kind, r in results.items()},
-        "seconds": round(time.perf_counter() - started, 3),
-    })
+    return registered
 
 
 def _logged(lines: Iterator[str], ctx: JobContext) -> Iterator[Event]:

@@ -1,8 +1,17 @@
 """The `train` job: LoRA / QLoRA fine-tuning of an hf variant on a persona's dialogues.
 
-data prep -> base model files (dequantised from the packaged GGUF when asked) -> examples
-and label checks -> memory estimate -> TRL SFTTrainer (+ PEFT) in a worker thread, its
-progress as events -> adapter written whole -> variant registered -> mini-evaluation.
+`run` is the list of its stages, each a function a test can call on its own (a generator
+of events that returns what the next stage needs):
+
+    prepare_data        data       the conversations, prepared and written beside the run
+    tokenise            model      base model files (dequantised from the packaged GGUF when
+                                   asked), tokenizer, examples, label check, train/eval split
+    check_memory        memory     the one memory model; refuses a run that will not fit
+    load_trainer        load       base model, TRL SFTTrainer (+ PEFT), collated label check,
+                                   the checkpoint to resume from
+    train               train      the trainer in a worker thread, its progress as events
+    save_and_register   save       adapter written whole, config beside it, variant registered
+    mini_evaluation     eval       base vs trained on the persona's eval questions
 
 Where things go (`output`, default `<home>/runs/<job name>/`):
 
@@ -28,7 +37,8 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,21 +47,59 @@ import yaml
 
 from pipelines import events as ev
 from pipelines import jobs
-from pipelines.config import ConfigError, GGUFVariant, HFVariant, TrainJob
+from pipelines.config import ConfigError, GGUFVariant, HFVariant, Persona, TrainJob
 from pipelines.events import Event
 from pipelines.jobs import JobCancelled, JobContext
 from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
+from pipelines.training.examples import Example
 
+LABELS_FILE = "labels.txt"
 _DONE = object()
-
-# Read when torch loads OpenMP, which this module does not do at import: threads that sleep
-# while they wait instead of spinning. On a CPU shared with anything else (the console's
-# llama.cpp chat, another job) spinning threads made steps ~10x slower here (2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def output_dir(cfg: TrainJob, home: Path) -> Path:
     return jobs.output_dir(cfg.output, home, "runs", cfg.name)
+
+
+def variant_name(cfg: TrainJob) -> str:
+    """The name the trained variant is registered under."""
+    return cfg.variant or cfg.name
+
+
+def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
+    passive_openmp()
+    started = time.perf_counter()
+    name = variant_name(cfg)
+    yield ev.start("train", cfg.name, f"persona {cfg.persona}, base {cfg.base} -> {name}")
+    persona = ctx.workspace.persona(cfg.persona)
+    base = base_variant(ctx, cfg)
+    out = output_dir(cfg, ctx.home)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"variant": name, "output": str(out)}  # the done event's
+
+    rows = yield from prepare_data(cfg, ctx, out, summary)
+    data = yield from tokenise(cfg, ctx, base, persona, rows, out)
+    cuda = yield from check_memory(cfg, data, summary)
+    trainer, resume = yield from load_trainer(cfg, base, data, out, cuda, summary)
+    yield from train(cfg, ctx, trainer, resume, data, summary)
+    adapter = yield from save_and_register(cfg, ctx, base, trainer, out, summary)
+    del trainer  # the base model and its optimizer state go before the evaluation loads two
+    release_memory(cuda)
+    yield from mini_evaluation(cfg, ctx, persona, base, data, adapter, cuda, out, summary)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    yield ev.done(summary)
+
+
+def passive_openmp() -> None:
+    """OpenMP threads that sleep while they wait instead of spinning: on a CPU shared with
+    anything else (the console's llama.cpp chat, another job) spinning threads made steps
+    ~10x slower here (2 cores). OpenMP reads the variable once, when torch loads it, so it
+    must be in the environment before any stage imports torch, and it cannot be scoped to a
+    stage. Process-wide is right: the runner gives every job its own process. A value the
+    user set wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# --- where the base model comes from ----------------------------------------------------
 
 
 def base_variant(ctx: JobContext, cfg: TrainJob) -> HFVariant:
@@ -98,20 +146,17 @@ def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[held:]), sorted(order[:held])
 
 
-def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
-    started = time.perf_counter()
-    name = cfg.variant or cfg.name
-    yield ev.start("train", cfg.name, f"persona {cfg.persona}, base {cfg.base} -> {name}")
-    persona = ctx.workspace.persona(cfg.persona)
-    base = base_variant(ctx, cfg)
-    out = output_dir(cfg, ctx.home)
-    out.mkdir(parents=True, exist_ok=True)
+# --- data -------------------------------------------------------------------------------
 
-    # --- data --------------------------------------------------------------------------
+
+def prepare_data(cfg: TrainJob, ctx: JobContext, out: Path,
+                 summary: dict[str, Any]) -> Generator[Event, None, list[dict[str, Any]]]:
+    """The conversations to train on (prepared when `prep`), written to
+    data.prepared.jsonl; returns them."""
     yield ev.stage("data", "reading and preparing the conversations")
     source = Path(cfg.data) if cfg.data else ctx.workspace.persona_dir(cfg.persona) / "dialogues.jsonl"
     rows = read_conversations(source)
-    summary: dict[str, Any] = {"variant": name, "output": str(out), "source": str(source)}
+    summary["source"] = str(source)
     if cfg.prep:
         rows, report = prepare(rows, PrepOptions(max_chars=cfg.max_reply_chars))
         if not rows:
@@ -122,24 +167,42 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         summary["prep"] = report.to_dict()
     write_jsonl(out / "data.prepared.jsonl", rows)
     ctx.check_cancelled()
+    return rows
 
-    # --- model files and examples --------------------------------------------------------
+
+# --- model files and examples -----------------------------------------------------------
+
+
+@dataclass
+class Tokenised:
+    """What the model stage hands on: where the base model is, its tokenizer and chat
+    template, the turn terminator, and the examples split into train and eval."""
+
+    model_source: Path | str
+    tokenizer: Any
+    model_config: Any
+    template: str
+    end_text: str
+    end_id: int
+    examples: list[Example]
+    train_idx: list[int]
+    eval_idx: list[int]
+
+    def rows(self, indices: Sequence[int]) -> list[dict[str, list[int]]]:
+        return [self.examples[i].as_row() for i in indices]
+
+
+def tokenise(cfg: TrainJob, ctx: JobContext, base: HFVariant, persona: Persona,
+             rows: list[dict[str, Any]], out: Path) -> Generator[Event, None, Tokenised]:
+    """The base model's files, then every conversation as token ids and labels, each
+    checked (`check_example_labels`), split into train and eval."""
     yield ev.stage("model", f"base {cfg.base}")
     model_source, note = ensure_base_files(ctx, cfg, base)
     if note:
         yield ev.log(note)
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipelines.training.examples import (
-        chat_template_for,
-        check_labels,
-        label_view,
-        require_good_labels,
-        terminator,
-        tokenize,
-        with_system,
-    )
+    from pipelines.training.examples import chat_template_for, terminator, tokenize, with_system
 
     tokenizer = AutoTokenizer.from_pretrained(model_source)
     model_config = AutoConfig.from_pretrained(model_source)
@@ -150,20 +213,42 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
                          end_text)
                 for r in rows]
     for index, example in enumerate(examples):
-        problems = check_labels(tokenizer, example.input_ids, example.labels, end_id)
-        if problems:
-            view = label_view(tokenizer, example.input_ids, example.labels)
-            (out / "labels.txt").write_text(view + "\n", encoding="utf-8")
-            yield ev.log(f"example {index} as the model sees it (also in {out / 'labels.txt'}):\n"
-                         + view, level="error")
-            require_good_labels(tokenizer, example.input_ids, example.labels, end_id,
-                                where=f"example {index} ({rows[index].get('id', index)}): ")
+        yield from check_example_labels(
+            tokenizer, example.input_ids, example.labels, end_id, out,
+            heading=f"example {index} as the model sees it (also in {out / LABELS_FILE}):\n",
+            where=f"example {index} ({rows[index].get('id', index)}): ")
     train_idx, eval_idx = split(len(examples), cfg.eval_fraction, cfg.seed)
     yield ev.log(f"{len(train_idx)} training and {len(eval_idx)} eval examples; the turn "
                  f"terminator {end_text} is trained in every one")
     ctx.check_cancelled()
+    return Tokenised(model_source, tokenizer, model_config, template, end_text, end_id,
+                     examples, train_idx, eval_idx)
 
-    # --- memory --------------------------------------------------------------------------
+
+def check_example_labels(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int],
+                         end_id: int, out: Path, heading: str, where: str) -> Iterator[Event]:
+    """The label check, for a tokenised example and for one as the trainer's collator hands
+    it to the model: nothing when the reply and its terminator are trained; else the token
+    view goes to labels.txt and into an error log event (after `heading`), and a LabelError
+    (a ConfigError, its message starting with `where`) stops the run."""
+    from pipelines.training.examples import check_labels, label_view, require_good_labels
+
+    if not check_labels(tokenizer, input_ids, labels, end_id):
+        return
+    view = label_view(tokenizer, input_ids, labels)
+    (out / LABELS_FILE).write_text(view + "\n", encoding="utf-8")
+    yield ev.log(heading + view, level="error")
+    require_good_labels(tokenizer, input_ids, labels, end_id, where=where)
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def check_memory(cfg: TrainJob, data: Tokenised,
+                 summary: dict[str, Any]) -> Generator[Event, None, bool]:
+    """The device, QLoRA's requirements, and the memory estimate (the one memory model,
+    on what `kyara plan` reads too: headers, config, data); refuses a run that will not
+    fit when `check_memory`. Returns whether it trains on CUDA."""
     from pipelines.merge.planner import model_shape
     from pipelines.training.memory import GiB, data_sizes, detect_device, refusal, train_estimate
 
@@ -179,9 +264,8 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         except ImportError:
             raise ConfigError("qlora: 4-bit QLoRA needs the bitsandbytes package: pip install "
                               "'bitsandbytes>=0.46.1'") from None
-    # the one memory model, on what `kyara plan` reads too: headers, config, data
-    shape = model_shape(model_source, config=model_config)
-    sizes = data_sizes(examples, cfg.max_seq_len)
+    shape = model_shape(data.model_source, config=data.model_config)
+    sizes = data_sizes(data.examples, cfg.max_seq_len)
     est = train_estimate(cfg, shape, sizes, cuda=cuda)
     yield ev.log(f"memory estimate: {est.describe()}; {device.name} has "
                  f"{device.free / GiB:.1f} GiB free")
@@ -190,18 +274,35 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
     why = refusal(cfg, shape, sizes, device, est) if cfg.check_memory else None
     if why:
         raise ConfigError(why)
+    return cuda
 
-    # --- trainer -------------------------------------------------------------------------
+
+# --- model and trainer ------------------------------------------------------------------
+
+
+def load_trainer(cfg: TrainJob, base: HFVariant, data: Tokenised, out: Path, cuda: bool,
+                 summary: dict[str, Any]) -> Generator[Event, None, tuple[Any, Path | None]]:
+    """The base model with its LoRA, in a KyaraSFTTrainer whose collated labels pass the
+    label check; returns the trainer and the checkpoint to resume from (None: from the
+    start)."""
     yield ev.stage("load", "loading the base model")
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
+    model = load_model(cfg, base, data, cuda)
+    if cfg.gradient_checkpointing and not cuda:
+        yield ev.log("gradient_checkpointing is ignored on the CPU (it makes a step ~10x "
+                     "slower there)", level="warning")
+    trainer = make_trainer(cfg, data, model, out, cuda)
+    yield from check_collated_labels(trainer, data, out)
+    resume = yield from find_checkpoint(cfg, data, out, summary)
+    return trainer, resume
 
-    from pipelines.training.trainer import EventCallback, KyaraSFTTrainer, prepare_checkpoints
+
+def load_model(cfg: TrainJob, base: HFVariant, data: Tokenised, cuda: bool) -> Any:
+    """The base model: bf16 on CUDA (4-bit NF4 with `qlora`), fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if model_config.model_type.startswith("gemma"):
+    if data.model_config.model_type.startswith("gemma"):
         kwargs["attn_implementation"] = "eager"  # Gemma 2's soft-capped attention needs it
     elif base.attn_implementation:
         kwargs["attn_implementation"] = base.attn_implementation
@@ -213,19 +314,28 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": 0}
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(data.model_source, **kwargs)
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.gradient_checkpointing and not cuda:
-        yield ev.log("gradient_checkpointing is ignored on the CPU (it makes a step ~10x "
-                     "slower there)", level="warning")
+    return model
+
+
+def make_trainer(cfg: TrainJob, data: Tokenised, model: Any, out: Path, cuda: bool) -> Any:
+    """TRL's SFTTrainer (kyara's subclass) with the PEFT LoRA config, on the ready-made
+    examples; checkpoints under out/checkpoints."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from pipelines.training.trainer import KyaraSFTTrainer
+
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    train_rows = [examples[i].as_row() for i in train_idx]
-    eval_rows = [examples[i].as_row() for i in eval_idx]
+    train_rows, eval_rows = data.rows(data.train_idx), data.rows(data.eval_idx)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -255,26 +365,33 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         dataloader_num_workers=0,
         save_only_model=False,
     )
-    trainer = KyaraSFTTrainer(
+    return KyaraSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer, peft_config=lora)
-    # The last guard: the labels as the trainer's own collator hands them to the model.
+        processing_class=data.tokenizer, peft_config=lora)
+
+
+def check_collated_labels(trainer: Any, data: Tokenised, out: Path) -> Iterator[Event]:
+    """The last guard: the labels as the trainer's own collator hands them to the model
+    (the first few training examples)."""
     probe = [trainer.train_dataset[i] for i in range(min(len(trainer.train_dataset), 4))]
     batch = trainer.data_collator(probe)
     for row in range(len(probe)):
-        problems = check_labels(tokenizer, batch["input_ids"][row].tolist(),
-                                batch["labels"][row].tolist(), end_id)
-        if problems:
-            view = label_view(tokenizer, batch["input_ids"][row].tolist(),
-                              batch["labels"][row].tolist())
-            (out / "labels.txt").write_text(view + "\n", encoding="utf-8")
-            yield ev.log("a collated example as the model sees it:\n" + view, level="error")
-            require_good_labels(tokenizer, batch["input_ids"][row].tolist(),
-                                batch["labels"][row].tolist(), end_id, where="collator: ")
+        yield from check_example_labels(
+            data.tokenizer, batch["input_ids"][row].tolist(), batch["labels"][row].tolist(),
+            data.end_id, out, heading="a collated example as the model sees it:\n",
+            where="collator: ")
+
+
+def find_checkpoint(cfg: TrainJob, data: Tokenised, out: Path,
+                    summary: dict[str, Any]) -> Generator[Event, None, Path | None]:
+    """The complete checkpoint of this same run (base, data, settings) to resume from, if
+    any; checkpoints of another run are set aside with a warning."""
+    from pipelines.training.trainer import prepare_checkpoints
 
     fingerprint = {
-        "base": str(model_source), "data": _digest(train_rows), "eval": _digest(eval_rows),
+        "base": str(data.model_source), "data": _digest(data.rows(data.train_idx)),
+        "eval": _digest(data.rows(data.eval_idx)),
         "settings": cfg.model_dump(mode="json", include={
             "lora", "qlora", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum",
             "max_seq_len", "seed", "save_steps"}),
@@ -285,9 +402,19 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
     if resume is not None:
         yield ev.log(f"resuming from {resume.name}")
         summary["resumed_from"] = resume.name
+    return resume
 
-    # --- train ---------------------------------------------------------------------------
-    yield ev.stage("train", f"{len(train_rows)} examples, up to {cfg.epochs:g} epochs")
+
+# --- train ------------------------------------------------------------------------------
+
+
+def train(cfg: TrainJob, ctx: JobContext, trainer: Any, resume: Path | None, data: Tokenised,
+          summary: dict[str, Any]) -> Iterator[Event]:
+    """The trainer in a worker thread; its callback's events yielded as they come. A cancel
+    stops it at the end of a step (after a checkpoint) and raises JobCancelled here."""
+    from pipelines.training.trainer import EventCallback
+
+    yield ev.stage("train", f"{len(data.train_idx)} examples, up to {cfg.epochs:g} epochs")
     events: queue.Queue[Any] = queue.Queue()
     callback = EventCallback(events.put, ctx.cancelled, partial(getattr, trainer, "tokens_seen"))
     trainer.add_callback(callback)
@@ -322,14 +449,32 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         "tokens_per_s": round(trainer.tokens_seen / train_seconds, 1) if train_seconds else None,
         "train_loss": callback.last_loss, "eval_loss": callback.last_eval,
     })
-    if eval_rows and callback.last_eval_step != state.global_step:  # not twice for one step
+    if data.eval_idx and callback.last_eval_step != state.global_step:  # not twice for one step
         metrics = trainer.evaluate()
         if "eval_loss" in metrics:
             summary["eval_loss"] = round(float(metrics["eval_loss"]), 4)
             yield ev.metric("eval_loss", metrics["eval_loss"], step=state.global_step,
                             stage="train")
 
-    # --- save and register ---------------------------------------------------------------
+
+def _train(trainer: Any, resume: Path | None, events: queue.Queue[Any],
+           failure: list[BaseException]) -> None:
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException as exc:  # re-raised by the job's own thread
+        failure.append(exc)
+    finally:
+        events.put(_DONE)
+
+
+# --- save and register ------------------------------------------------------------------
+
+
+def save_and_register(cfg: TrainJob, ctx: JobContext, base: HFVariant, trainer: Any, out: Path,
+                      summary: dict[str, Any]) -> Generator[Event, None, Path]:
+    """The adapter written whole (a temporary folder, renamed), the resolved config beside
+    it, and the variant registered (store row + <home>/models/<name>.yaml). Returns the
+    adapter folder."""
     yield ev.stage("save", "writing the adapter")
     adapter = out / "adapter"
     tmp = out / f".adapter.{os.getpid()}.tmp"
@@ -342,45 +487,52 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
         encoding="utf-8")
     from pipelines.variants import register, trained_variant, write_variant_yaml
 
+    name = variant_name(cfg)
     variant = trained_variant(base, name, adapter, f"{cfg.base} + LoRA from job {cfg.name}")
     variant_yaml = write_variant_yaml(variant, ctx.home,
                                       f"written by the train job {cfg.name} (run {ctx.run_id})")
     register(ctx.store, variant, base=cfg.base, run_id=ctx.run_id, yaml_path=variant_yaml)
     yield ev.log(f"variant {name} registered: {variant_yaml}")
     summary.update({"adapter": str(adapter), "variant_yaml": str(variant_yaml)})
-    del trainer, model, callback  # the callback holds the trainer (its token counter)
+    return adapter
+
+
+def release_memory(cuda: bool) -> None:
+    """What the trainer held (model, optimizer, the callback's cycle back to the trainer)
+    freed now, once the caller has dropped its reference."""
     gc.collect()
     if cuda:
+        import torch
+
         torch.cuda.empty_cache()
 
-    # --- mini-evaluation -------------------------------------------------------------------
-    data = ctx.workspace.persona_data(cfg.persona)
-    questions = data.eval if cfg.eval_questions is None else data.eval[:cfg.eval_questions]
-    if questions:
-        yield ev.stage("eval", f"{len(questions)} eval questions, base vs {name}")
-        from pipelines.training.mini_eval import run_mini_eval
 
-        report = run_mini_eval(ctx, cfg, persona, base.name, name, model_source, adapter,
-                               [q.question for q in questions], template, end_id, cuda)
-        (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
-                                       encoding="utf-8")
-        yield ev.log("mini-evaluation (greedy, max "
-                     f"{cfg.eval_max_new_tokens} new tokens):\n" + report["table"])
-        for key in ("ends_maru", "ojousama", "median_chars", "stop_eos"):
-            yield ev.metric(f"eval_{key}", report["after"][key], stage="eval")
-        summary["mini_eval"] = {k: report[k] for k in ("before", "after", "table")}
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    yield ev.done(summary)
+# --- mini-evaluation --------------------------------------------------------------------
 
 
-def _train(trainer: Any, resume: Path | None, events: queue.Queue[Any],
-           failure: list[BaseException]) -> None:
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    except BaseException as exc:  # re-raised by the job's own thread
-        failure.append(exc)
-    finally:
-        events.put(_DONE)
+def mini_evaluation(cfg: TrainJob, ctx: JobContext, persona: Persona, base: HFVariant,
+                    data: Tokenised, adapter: Path, cuda: bool, out: Path,
+                    summary: dict[str, Any]) -> Iterator[Event]:
+    """Base vs trained, greedy, on the persona's eval questions (none: no stage); the
+    figures and replies in eval.json, the table in the log."""
+    persona_data = ctx.workspace.persona_data(cfg.persona)
+    questions = (persona_data.eval if cfg.eval_questions is None
+                 else persona_data.eval[:cfg.eval_questions])
+    if not questions:
+        return
+    name = variant_name(cfg)
+    yield ev.stage("eval", f"{len(questions)} eval questions, base vs {name}")
+    from pipelines.training.mini_eval import run_mini_eval
+
+    report = run_mini_eval(ctx, cfg, persona, base.name, name, data.model_source, adapter,
+                           [q.question for q in questions], data.template, data.end_id, cuda)
+    (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                                   encoding="utf-8")
+    yield ev.log("mini-evaluation (greedy, max "
+                 f"{cfg.eval_max_new_tokens} new tokens):\n" + report["table"])
+    for key in ("ends_maru", "ojousama", "median_chars", "stop_eos"):
+        yield ev.metric(f"eval_{key}", report["after"][key], stage="eval")
+    summary["mini_eval"] = {k: report[k] for k in ("before", "after", "table")}
 
 
 def _digest(rows: list[dict[str, list[int]]]) -> str:

@@ -325,6 +325,10 @@ async def test_history_lists_sessions_and_reopens_one(ws, store, tmp_path):
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, HistoryScreen)
+        for _ in range(100):  # the sessions are read by a thread worker
+            if screen.loaded:
+                break
+            await pilot.pause(0.02)
         titles = [r["title"] for r in screen.rows]
         assert titles == ["今の質問", "昔の質問"]  # newest first
         screen.query_one("#history").highlighted = 1
