@@ -313,3 +313,38 @@ def test_default_compare_set_skips_a_variant_this_machine_cannot_load(ws, tmp_pa
     # a configured compare set is taken as written (its panes say why one fails)
     assert [c.variant.name for c in default_combos(variants, base, False, ["no-adapter"])] == [
         "no-adapter"]
+
+
+def test_with_retrieval_the_question_is_stored_before_generation_even_when_slow(
+        ws, store, monkeypatch):
+    """The question is written while the facts are retrieved, never after generation
+    starts: a write slower than the retrieval is waited for."""
+    import time
+
+    from pipelines.retrieval import Hit
+
+    upsert = store.upsert
+
+    def slow_upsert(table, rows):
+        time.sleep(0.3 if table == "messages" else 0)
+        upsert(table, rows)
+
+    monkeypatch.setattr(store, "upsert", slow_upsert)
+    hits = [Hit(fact_id="k027", text="絢音の愛犬はレオである。", topic="pets", score=0.03,
+                text_rank=1, vector_rank=2)]
+    backend = ScriptedBackend(store)
+    backend.enqueue(["レオですわ。"])
+    session = make_session(ws, store, backend, retriever=FixedRetriever(hits), rag=True)
+    list(session.send("犬の名前は？"))
+    assert [r["content"] for r in backend.rows_at_start[0]] == ["犬の名前は？"]
+
+
+def test_a_failing_retrieval_still_keeps_the_question(ws, store):
+    class Broken:
+        def search(self, query, k=None):
+            raise RuntimeError("index damaged")
+
+    session = make_session(ws, store, ScriptedBackend(), retriever=Broken(), rag=True)
+    with pytest.raises(RuntimeError, match="index damaged"):
+        list(session.send("犬は？"))
+    assert [r["content"] for r in session.messages()] == ["犬は？"]

@@ -232,11 +232,12 @@ class ModelProcess:
         finally:
             if not ended and rid is not None and self.alive:
                 self._send({"id": rid, "op": "cancel"})
-                self._drain(rid)
+                self._drain()
             self._release()
 
-    def _drain(self, rid: int) -> None:
-        """Read up to the end of request `rid`; kill a child that does not get there."""
+    def _drain(self) -> None:
+        """Read up to the end of the request in flight; kill a child that does not get
+        there within CANCEL_GRACE_S."""
         try:
             while not self._get("cancelling", timeout=CANCEL_GRACE_S).get("end"):
                 pass
