@@ -200,7 +200,9 @@ class KyaraApp(App[None]):
     def extra_commands(self):
         if self.workspace is None:
             return
-        jobs, _ = self.workspace.jobs()  # a bad job file is left out (named at start-up)
+        from pipelines.jobs import offered_jobs
+
+        jobs, _ = offered_jobs(self.workspace)  # bad files and unimplemented kinds left out
         for name, path in jobs.items():
             yield SystemCommand(f"Run job: {name}", f"start {path.name} as a detached job",
                                 lambda p=path: self.start_job(p))

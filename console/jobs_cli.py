@@ -87,7 +87,9 @@ def list_cmd(
     try:
         ws, store = _open(configs)
         runs = jobs.list_runs(store, limit=limit)
-        _, problems = ws.jobs()
+        from pipelines.jobs import offered_jobs
+
+        _, problems = offered_jobs(ws)
     except _user_errors() as exc:
         fail(str(exc))
     for line in problems:  # a job file that does not load is named, never fatal

@@ -342,7 +342,9 @@ class JobsScreen(Screen[None]):
 
     def job_files(self) -> dict[str, Path]:
         """The job files that load; each bad one is named in a notification, left out."""
-        jobs, problems = self.workspace.jobs()
+        from pipelines.jobs import offered_jobs
+
+        jobs, problems = offered_jobs(self.workspace)
         for line in problems:
             self.notify(f"left out: {line}", severity="warning", markup=False, timeout=10)
         return jobs

@@ -171,22 +171,17 @@ class Workspace:
     def criteria(self) -> tuple[dict[str, Criterion], list[str]]:
         return _load_each(self.criterion_files(), lambda _, p: load_yaml(p, Criterion))
 
-    def jobs(self) -> tuple[dict[str, Path], list[str]]:
-        """The job files that load and can run (name -> path: what launching takes). A file
-        whose kind is not implemented yet is left out too, with its reason: what the
-        console's palette and jobs screen offer is what runs."""
-        from pipelines.job_kinds import not_implemented
-
+    def loaded_jobs(self) -> tuple[dict[str, tuple[Path, Any]], list[str]]:
+        """name -> (path, job config) for the job files that load; one line per file that
+        does not. Which of them can run is pipelines.jobs.offered_jobs's answer."""
         files = self.job_files()
         good, problems = _load_each(files, lambda _, p: load_job(p))
-        ready: dict[str, Path] = {}
-        for name, cfg in good.items():
-            why = not_implemented(cfg.job)
-            if why:
-                problems.append(f"{files[name]}: {why}")
-            else:
-                ready[name] = files[name]
-        return ready, problems
+        return {name: (files[name], cfg) for name, cfg in good.items()}, problems
+
+    def jobs(self) -> tuple[dict[str, Path], list[str]]:
+        """The job files that load (name -> path: what launching takes), and the others."""
+        loaded, problems = self.loaded_jobs()
+        return {name: path for name, (path, _) in loaded.items()}, problems
 
     def problems(self) -> list[str]:
         """One line per variant, judge, criterion or job file that does not load."""

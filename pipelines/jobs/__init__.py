@@ -10,7 +10,7 @@ torch, and nothing else (the console, `kyara jobs list`) should pay for that.
 run tiny stand-in jobs through the real runner in a subprocess, and how a job being written
 out of tree can be tried before it joins JOBS.
 
-A kind the config knows but nothing implements is never offered: `Workspace.jobs()` (the
+A kind the config knows but nothing implements is never offered: `offered_jobs()` (the
 console's palette and jobs screen, `kyara jobs list`) leaves its files out with the reason
 `not_implemented` gives, and launching one (`kyara jobs run`) is refused before a run
 starts. The runner still answers one `not implemented` error event if asked directly.
@@ -32,17 +32,69 @@ from pipelines import events as ev
 from pipelines.config import JOB_KINDS, ConfigError
 from pipelines.events import Event
 
-# Which kinds are implemented lives in pipelines/job_kinds.py: the workspace asks it too
-# (what the console offers), and must not import this package.
-from pipelines.job_kinds import (  # noqa: F401 - part of this package's interface
-    ENV_MODULES,
-    JOBS,
-    _registered,
-    is_implemented,
-    module_for,
-    not_implemented,
-    require_implemented,
-)
+# kind -> module with run(cfg, ctx). Kinds of pipelines.config.JOB_KINDS not listed here
+# are known to the config but not implemented yet.
+JOBS: dict[str, str] = {
+    "index": "pipelines.jobs.index",
+    "merge": "pipelines.jobs.merge",
+    "train": "pipelines.jobs.train",
+    "curate": "pipelines.jobs.curate",
+    "export": "pipelines.jobs.export",
+    "evolve": "pipelines.jobs.evolve",
+}
+ENV_MODULES = "KYARA_JOB_MODULES"
+
+# jobs registered as objects in this process (pipelines.jobs.register): tests
+_registered: dict[str, Any] = {}
+
+
+def _env_modules() -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in os.environ.get(ENV_MODULES, "").split(","):
+        if not item.strip():
+            continue
+        kind, sep, module = item.partition("=")
+        if not sep or not kind.strip() or not module.strip():
+            raise ConfigError(f"{ENV_MODULES}: expected kind=module[,kind=module], "
+                              f"found {item.strip()!r}")
+        mapping[kind.strip()] = module.strip()
+    return mapping
+
+
+def module_for(kind: str) -> str | None:
+    return _env_modules().get(kind) or JOBS.get(kind)
+
+
+def is_implemented(kind: str) -> bool:
+    return kind in _registered or module_for(kind) is not None
+
+
+def not_implemented(kind: str) -> str | None:
+    """Why a job of `kind` cannot run in this process (one line), or None when it can."""
+    return None if is_implemented(kind) else f"job kind '{kind}' is not implemented yet"
+
+
+def require_implemented(kind: str, path: str | os.PathLike[str] | None = None) -> None:
+    """Refuse (ConfigError, one line) a job whose kind is not implemented: before a launch,
+    so no run is started only to fail."""
+    why = not_implemented(kind)
+    if why:
+        raise ConfigError(f"{path}: {why}" if path else why)
+
+
+def offered_jobs(workspace: Any) -> tuple[dict[str, Path], list[str]]:
+    """The job files the console offers and `kyara jobs list` shows (name -> path): those
+    that load and whose kind runs. The others come back as one line each: a file that does
+    not load (Workspace.jobs), or a kind that is not implemented yet."""
+    loaded, problems = workspace.loaded_jobs()
+    offered: dict[str, Path] = {}
+    for name, (path, cfg) in loaded.items():
+        why = not_implemented(cfg.job)
+        if why:
+            problems.append(f"{path}: {why}")
+        else:
+            offered[name] = path
+    return offered, problems
 
 
 class Job(Protocol):
@@ -145,6 +197,7 @@ __all__ = [
     "JobContext",
     "NotImplementedJob",
     "get_job",
+    "offered_jobs",
     "output_dir",
     "is_implemented",
     "not_implemented",

@@ -1,4 +1,4 @@
-"""A job kind that nothing implements is never offered: `Workspace.jobs()` (what the
+"""A job kind that nothing implements is never offered: `offered_jobs()` (what the
 console's palette, its jobs screen and `kyara jobs list` read) leaves its files out with a
 one-line reason, `kyara jobs run` refuses it before starting a run, and no such file ships.
 KYARA_JOB_MODULES stand-ins still make a kind runnable for tests."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.jobs import not_implemented, require_implemented
+from pipelines.jobs import not_implemented, offered_jobs, require_implemented
 from pipelines.workspace import Workspace
 from tests.conftest import CONFIGS, run_kyara
 
@@ -21,7 +21,7 @@ def eval_file(configs):
 
 
 def test_a_file_of_a_kind_not_implemented_is_left_out_with_its_reason(configs, eval_file):
-    jobs, problems = Workspace.load(configs).jobs()
+    jobs, problems = offered_jobs(Workspace.load(configs))
     assert list(jobs) == ["index-tiny"]
     assert problems == [f"{eval_file}: job kind 'eval' is not implemented yet"]
     assert not_implemented("index") is None
@@ -29,7 +29,7 @@ def test_a_file_of_a_kind_not_implemented_is_left_out_with_its_reason(configs, e
 
 def test_a_stand_in_module_makes_the_kind_offered(configs, eval_file, monkeypatch):
     monkeypatch.setenv("KYARA_JOB_MODULES", "eval=tests.jobs.fake_job")
-    jobs, problems = Workspace.load(configs).jobs()
+    jobs, problems = offered_jobs(Workspace.load(configs))
     assert sorted(jobs) == ["eval-x", "index-tiny"] and problems == []
     require_implemented("eval")  # no error
 
@@ -50,6 +50,6 @@ def test_launching_refuses_before_any_run_starts(configs, eval_file, tmp_path):
 
 
 def test_every_shipped_job_file_is_of_an_implemented_kind():
-    jobs, problems = Workspace.load(CONFIGS).jobs()
+    jobs, problems = offered_jobs(Workspace.load(CONFIGS))
     assert problems == [] and jobs
     assert Workspace.load(CONFIGS).job_files().keys() == jobs.keys()
