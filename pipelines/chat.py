@@ -346,12 +346,9 @@ def unloadable(variant: Variant, home: Path | None = None) -> str | None:
     that would first be downloaded counts as missing), a CUDA GPU for `device: cuda` or
     `load_in_4bit`, the key of an OpenAI variant. An embedded GGUF (and the folder
     dequantised from it) is loadable whenever its package (the demo extra) is installed.
-    A relative path with no home known (`home` None and no KYARA_HOME) is not judged."""
+    A relative path with no home given is not judged."""
     from pipelines.inference.embedded import EMBEDDED, dequantized_source, embedded_path
     from pipelines.inference.sources import cached_snapshot, is_hub_id, resolve_path
-
-    if home is None and os.environ.get("KYARA_HOME"):
-        home = Path(os.path.expandvars(os.environ["KYARA_HOME"])).expanduser()
 
     def missing(value: str, what: str) -> str | None:
         path = resolve_path(value, home)
@@ -378,14 +375,13 @@ def unloadable(variant: Variant, home: Path | None = None) -> str | None:
         if (variant.device == "cuda" or variant.load_in_4bit) and not cuda_visible():
             what = "load_in_4bit" if variant.load_in_4bit else "device: cuda"
             reason = f"{what} needs a CUDA GPU and none is visible"
-        elif resolve_path(variant.model, home).exists():
+        elif (model := resolve_path(variant.model, home)).exists():
             reason = None
         elif is_hub_id(variant.model, home):
             if cached_snapshot(variant.model) is None:
                 reason = f"model {variant.model} is not in the local Hugging Face cache"
         else:
-            path = resolve_path(variant.model, home)
-            made = home is not None and dequantized_source(path, home)
+            made = home is not None and dequantized_source(model, home)
             if not (made and packaged(made)):
                 reason = missing(variant.model, "model folder")
         if reason is None and variant.adapter:
