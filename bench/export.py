@@ -75,11 +75,12 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(args.home)
 
-    from pipelines.export.api import verify_export
     from pipelines.export.convert import convert_hf, quantize, stage_hf_dir
     from pipelines.export.tools import converter_dir
+    from pipelines.export.verify import generation_required, persona_texts, verify_gguf
     from pipelines.inference.dequantize import dequantize_gguf
     from pipelines.inference.embedded import ensure_embedded
+    from pipelines.workspace import Workspace
 
     gguf = ensure_embedded("gemma3-270m", home)
     hf = dequantize_gguf(gguf, home / "models" / "gemma-3-270m-hf")
@@ -101,7 +102,11 @@ def main() -> None:
                 quantize(f16, files[q], q, threads=2)
             rows.append((f"quantise {q}", p))
         with Peak() as p:
-            check = verify_export(f16, hf, kind="f16", n_threads=2)
+            ws = Workspace.load()
+            sentences, questions = persona_texts(ws.persona_dir("ayane"))
+            check = verify_gguf(f16, hf, sentences=sentences, questions=questions,
+                                system=ws.persona("ayane").prompts.system, kind="f16",
+                                require_generation=generation_required("f16"), n_threads=2)
         rows.append(("verify f16", p))
         print("\n".join(check.lines()))
         print(f"\n{'stage':<18}{'seconds':>9}{'peak RSS GiB':>14}")

@@ -5,8 +5,9 @@ console answers as Ayane on a fresh machine without training first.
 
 1. the CPU quick-start train job (configs/jobs/quickstart-ayane-270m.yaml, fixed seed) in
    its own kyara home, unless the run directory already holds a finished run;
-2. its PEFT adapter exported as a GGUF LoRA adapter against the packaged Gemma 3 270M
-   Q4_K_M GGUF with llama.cpp's converter, verified there against transformers + PEFT;
+2. the export job on that run's variant (`lora_only`, `base_gguf: gemma3-270m`): its PEFT
+   adapter as a GGUF LoRA adapter with llama.cpp's converter, verified on the packaged
+   Gemma 3 270M Q4_K_M GGUF against transformers + PEFT;
 3. the persona's eval questions answered greedily by the GGUF base and by base + adapter
    (the variant the console runs), measured with the same style figures as training;
 4. `adapter.gguf` and `provenance.yaml` (job config, data hashes, seed, versions, the
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,12 +31,12 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "configs" / "jobs" / "quickstart-ayane-270m.yaml"
 OUT = REPO / "configs" / "models" / "ayane-270m"
 VARIANT = "ayane-270m"
 BASE_VARIANT = "gemma3-270m"
-HF_BASE = "models/gemma-3-270m-hf"  # where the quick-start dequantises the GGUF (home-relative)
+TRAINED = "gemma3-270m-ayane"  # the variant the quick-start registers in its home
 
 
 def sha256(path: Path) -> str:
@@ -53,19 +55,63 @@ def finished_run(run_dir: Path) -> dict[str, Any] | None:
     return (event.summary or {}) if event is not None and event.type == "done" else None
 
 
+def run_job(job: Path, home: Path, run_dir: Path) -> dict[str, Any]:
+    """One job through the job runner (`python -m pipelines run`, as the console starts
+    them), in the ship's own home; its `done` summary."""
+    env = {**os.environ, "KYARA_HOME": str(home)}
+    subprocess.run([sys.executable, "-m", "pipelines", "run", str(job), "--run-dir",
+                    str(run_dir), "--configs", str(REPO / "configs")], check=True, env=env,
+                   cwd=REPO)
+    done = finished_run(run_dir)
+    if done is None:
+        raise SystemExit(f"the {job.stem} job ended without a done event: see {run_dir}")
+    return done
+
+
 def train(home: Path, run_dir: Path) -> dict[str, Any]:
     done = finished_run(run_dir)
     if done is not None:
         print(f"using the finished run in {run_dir}", flush=True)
         return done
     print(f"training: {JOB.name} into {run_dir} (about 10 minutes on 2 CPU cores)", flush=True)
-    env = {**os.environ, "KYARA_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "pipelines", "run", str(JOB), "--run-dir",
-                    str(run_dir)], check=True, env=env, cwd=REPO)
-    done = finished_run(run_dir)
-    if done is None:
-        raise SystemExit(f"the train job ended without a done event: see {run_dir}")
-    return done
+    return run_job(JOB, home, run_dir)
+
+
+def export_job(home: Path, variant: str) -> dict[str, Any]:
+    """The export job's config: the hf variant's adapter as a GGUF LoRA on the packaged
+    Q4_K_M base, verified there, into the ship home."""
+    return {"job": "export", "name": VARIANT, "variant": variant, "outtype": "f16",
+            "lora_only": True, "base_gguf": BASE_VARIANT,
+            "output": str(home / "exports" / VARIANT), "force": True}
+
+
+def peft_variant(home: Path, adapter_dir: Path) -> str:
+    """An hf variant in the ship home for exactly this adapter: the trained variant's
+    base model (what the quick-start registered) with `adapter_dir`."""
+    trained = home / "models" / f"{TRAINED}.yaml"
+    if not trained.is_file():
+        raise SystemExit(f"{trained}: the quick-start did not register {TRAINED} in {home}")
+    data = yaml.safe_load(trained.read_text(encoding="utf-8"))
+    name = f"{VARIANT}-peft"
+    data.update(name=name, adapter=str(adapter_dir),
+                description=f"the PEFT adapter make ayane-adapter exports ({adapter_dir})")
+    (home / "models" / f"{name}.yaml").write_text(
+        yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return name
+
+
+def export(home: Path, adapter_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The export job run on the adapter: (the GGUF LoRA file, its verification)."""
+    job = home / "jobs" / f"export-{VARIANT}.yaml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    cfg = export_job(home, peft_variant(home, adapter_dir))
+    job.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    run_dir = home / "runs" / f"export-{VARIANT}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"exporting: {job.name} into {run_dir}", flush=True)
+    done = run_job(job, home, run_dir)
+    (lora,) = [Path(done["output"]) / name for name in done["files"]]
+    (check,) = done["verification"].values()
+    return lora, check
 
 
 def gguf_figures(home: Path, adapter: Path | None, max_new_tokens: int
@@ -124,13 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     done = train(home, run_dir)
     adapter_dir = Path(done.get("adapter") or run_dir / "adapter")
 
-    from pipelines.export.api import export_lora_adapter
     from pipelines.inference.embedded import ensure_embedded
 
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SystemExit(f"{adapter_dir}: the train run left no PEFT adapter")
     base_gguf = ensure_embedded(BASE_VARIANT, home)
+    lora, check = export(home, adapter_dir)
+    out.mkdir(parents=True, exist_ok=True)
     built = out / f".adapter.gguf.{os.getpid()}.new"
-    path, check = export_lora_adapter(adapter_dir, home / HF_BASE, built, base_gguf=base_gguf,
-                                      home=home, outtype="f16", force=True)
+    shutil.copyfile(lora, built)
+    path = built
     try:
         max_new = int(job.get("eval_max_new_tokens", 48))
         base_figs, base_replies = gguf_figures(home, None, max_new)
@@ -151,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             "mini_eval_hf": (done.get("mini_eval") or {}),
             "gguf_eval": {"greedy_max_new_tokens": max_new, "before": base_figs,
                           "after": ayane_figs},
-            "verification": check.summary() if check is not None else None,
+            "verification": check,
             "versions": versions(),
             "built": time.strftime("%Y-%m-%d", time.gmtime(started)),
         }

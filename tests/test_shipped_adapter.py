@@ -104,3 +104,31 @@ def test_ship_reuses_a_finished_train_run_only(tmp_path):
     with events.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps({"type": "done", "summary": {"adapter": "/x/adapter"}}) + "\n")
     assert finished_run(tmp_path) == {"adapter": "/x/adapter"}
+
+
+def test_ship_exports_through_the_export_job(tmp_path):
+    """`make ayane-adapter` has no export code of its own: it writes an export job (a LoRA
+    on the packaged Q4_K_M base) for an hf variant of exactly the trained adapter, and the
+    job runner runs it with the repository's configs."""
+    import yaml
+
+    from pipelines import ship
+    from pipelines.config import ExportJob, load_job
+
+    assert (ship.REPO / "configs" / "jobs" / ship.JOB.name).is_file()
+    assert ship.JOB.is_file() and ship.OUT.parent == ship.REPO / "configs" / "models"
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / f"{ship.TRAINED}.yaml").write_text(yaml.safe_dump(
+        {"name": ship.TRAINED, "backend": "hf", "model": "models/gemma-3-270m-hf",
+         "adapter": "runs/quickstart-ayane-270m/adapter", "persona": "ayane"}))
+    adapter = tmp_path / "run" / "adapter"
+    name = ship.peft_variant(home, adapter)
+    written = yaml.safe_load((home / "models" / f"{name}.yaml").read_text())
+    assert written["adapter"] == str(adapter) and written["model"] == "models/gemma-3-270m-hf"
+    job_file = tmp_path / "export.yaml"
+    job_file.write_text(yaml.safe_dump(ship.export_job(home, name), sort_keys=False))
+    cfg = load_job(job_file)
+    assert isinstance(cfg, ExportJob)
+    assert cfg.variant == name and cfg.lora_only and cfg.base_gguf == ship.BASE_VARIANT
+    assert cfg.output == str(home / "exports" / ship.VARIANT) and cfg.force

@@ -53,6 +53,20 @@ def engine_settings(variant: GGUFVariant, llama_cpp: Any) -> dict[str, Any]:
     }
 
 
+def model_file(variant: GGUFVariant, home: Path | None) -> Path:
+    """The variant's .gguf file: its `path` (from the home when relative) or its embedded
+    model (assembled on first use); BackendError when there is none."""
+    if variant.embedded:
+        if home is None:
+            raise BackendError(f"variant {variant.name!r}: an embedded model needs the kyara home")
+        path = ensure_embedded(variant.embedded, home)
+    else:
+        path = resolve_path(variant.path, home)
+    if not path.is_file():
+        raise BackendError(f"variant {variant.name!r}: model file not found: {path}")
+    return path
+
+
 class GGUFBackend:
     def __init__(self, variant: GGUFVariant, home: Path | None = None) -> None:
         import llama_cpp
@@ -62,16 +76,7 @@ class GGUFBackend:
         self.variant = variant
         self.name = variant.name
         self.home = Path(home) if home is not None else None
-        if variant.embedded:
-            if self.home is None:
-                raise BackendError(
-                    f"variant {variant.name!r}: an embedded model needs the kyara home"
-                )
-            self.model_path = ensure_embedded(variant.embedded, self.home)
-        else:
-            self.model_path = resolve_path(variant.path, self.home)
-        if not self.model_path.is_file():
-            raise BackendError(f"variant {variant.name!r}: model file not found: {self.model_path}")
+        self.model_path = model_file(variant, self.home)
         lora = resolve_path(variant.lora_path, self.home) if variant.lora_path else None
         if lora is not None and not lora.is_file():
             raise BackendError(f"variant {variant.name!r}: LoRA file not found: {lora}")

@@ -15,7 +15,10 @@ as `gguf` variants (store row + <home>/models/<name>.yaml).
     register        (no stage)      one gguf variant per file
 
 With `lora_only: true` the adapter becomes a GGUF LoRA file (convert_lora_to_gguf.py) and
-the base is converted beside it, so the registered variant is base GGUF + `lora_path`.
+the base is converted beside it, so the registered variant is base GGUF + `lora_path`. With
+`base_gguf:` as well (a gguf variant or a .gguf file of the same base, such as the packaged
+Gemma 3 270M Q4_K_M), the base is not converted: the LoRA is verified on that file and the
+one registered variant pairs them (this is how `make ayane-adapter` builds the shipped one).
 
 Everything is written into a temporary folder next to the output and renamed when verified;
 an output that exists is refused unless `force: true`; an interrupted or failed export
@@ -98,6 +101,8 @@ class Source:
     out: Path
     persona: str
     persona_dir: Path
+    base_gguf: Path | None = None        # with `base_gguf:`: the file the LoRA pairs with
+    base_variant: GGUFVariant | None = None  # ... and the gguf variant it came from, if any
 
 
 @dataclass
@@ -127,8 +132,37 @@ def validate(cfg: ExportJob, ctx: JobContext) -> Generator[Event, None, Source]:
         raise ConfigError(f"output: {out} exists (set force: true in the job file to "
                           "overwrite it)")
     persona = variant.persona or ctx.workspace.settings.default_persona
+    base_gguf, base_variant = _base_gguf(cfg, ctx)
     return Source(variant, model_dir, adapter, quants, out, persona,
-                  ctx.workspace.persona_dir(persona))
+                  ctx.workspace.persona_dir(persona), base_gguf, base_variant)
+
+
+def _base_gguf(cfg: ExportJob, ctx: JobContext) -> tuple[Path | None, GGUFVariant | None]:
+    """`base_gguf:` as a file: a gguf variant's model file (an embedded one assembled) or a
+    .gguf path (from the home when relative)."""
+    if cfg.base_gguf is None:
+        return None, None
+    from pipelines.inference.base import BackendError
+    from pipelines.inference.gguf import model_file
+    from pipelines.inference.sources import resolve_path
+
+    if cfg.base_gguf in ctx.workspace.variant_files():
+        base = ctx.workspace.variant(cfg.base_gguf)
+        if not isinstance(base, GGUFVariant):
+            raise ConfigError(f"base_gguf: '{cfg.base_gguf}' is a {base.backend} variant; it "
+                              "must name a gguf variant or a .gguf file")
+        try:
+            return model_file(base, ctx.home), base
+        except BackendError as exc:
+            raise ConfigError(f"base_gguf: {exc}") from None
+    path = resolve_path(cfg.base_gguf, ctx.home)
+    if not path.is_file():
+        raise ConfigError(f"base_gguf: '{cfg.base_gguf}' is neither a gguf variant nor a file "
+                          f"({path} not found)")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ConfigError(f"base_gguf: {path} is not a GGUF file")
+    return path, None
 
 
 def _source(cfg: ExportJob, ctx: JobContext) -> tuple[HFVariant, Path, Path | None]:
@@ -190,16 +224,21 @@ def convert(cfg: ExportJob, ctx: JobContext, src: Source, tools: Path, staged: P
     LoRA beside it."""
     from pipelines.export.convert import convert_hf, convert_lora
 
-    yield ev.stage("convert", f"{src.model_dir.name} -> {cfg.outtype}")
-    converted = partial / f"{cfg.name}{_suffix(cfg)}-{cfg.outtype}.gguf"
-    yield from _logged(convert_hf(tools, staged, converted, cfg.outtype), ctx)
-    files = Files({cfg.outtype: converted})
+    if src.base_gguf is not None:  # the base is used as it is: only the adapter converts
+        yield ev.stage("convert", f"adapter -> GGUF LoRA {cfg.outtype} on {src.base_gguf.name}")
+        files = Files({src.base_gguf.stem: src.base_gguf})
+    else:
+        yield ev.stage("convert", f"{src.model_dir.name} -> {cfg.outtype}")
+        converted = partial / f"{cfg.name}{_suffix(cfg)}-{cfg.outtype}.gguf"
+        yield from _logged(convert_hf(tools, staged, converted, cfg.outtype), ctx)
+        files = Files({cfg.outtype: converted})
     if cfg.lora_only:
         files.lora = partial / f"{cfg.name}-lora-{cfg.outtype}.gguf"
         yield ev.log(f"adapter {src.adapter} -> {files.lora.name}")
         yield from _logged(convert_lora(tools, src.adapter, staged, files.lora, cfg.outtype),
                            ctx)
-    yield ev.metric("gguf_bytes", converted.stat().st_size, stage="convert")
+    written = files.lora if src.base_gguf is not None else files.by_kind[cfg.outtype]
+    yield ev.metric("gguf_bytes", written.stat().st_size, stage="convert")
     return files
 
 
@@ -236,7 +275,7 @@ def verify(ctx: JobContext, src: Source, files: Files) -> Generator[Event, None,
         result = checks.verify_gguf(
             path, src.model_dir, sentences=sentences, questions=questions, system=system,
             adapter=src.adapter, lora_path=files.lora,
-            kind=kind if files.lora is None else f"lora + {kind} base",
+            kind=kind if files.lora is None else _lora_kind(kind, path, src),
             require_generation=checks.generation_required(kind), hf_model=hf)
         results[kind] = result
         for line in result.lines():
@@ -245,6 +284,11 @@ def verify(ctx: JobContext, src: Source, files: Files) -> Generator[Event, None,
     del hf
     (ctx.run_dir / VERIFICATION_FILE).write_text(_report(results), encoding="utf-8")
     return results
+
+
+def _lora_kind(kind: str, path: Path, src: Source) -> str:
+    """What a LoRA's verification names: the converted base's type, or the base file."""
+    return f"lora on {path.name}" if src.base_gguf is not None else f"lora + {kind} base"
 
 
 def _report(results: dict[str, Any]) -> str:
@@ -275,13 +319,21 @@ def register(cfg: ExportJob, ctx: JobContext, src: Source,
     variant, out, lora_file = src.variant, src.out, files.lora
     registered = []
     for kind, path in files.by_kind.items():
-        final = out / path.name
-        name = f"{cfg.name}-{kind.lower()}"
-        gguf_variant = GGUFVariant(
-            name=name, backend="gguf", path=str(final),
-            lora_path=str(out / lora_file.name) if lora_file else None,
-            persona=variant.persona, generation=variant.generation,
-            description=f"{variant.name} as GGUF {kind}" + (" + GGUF LoRA" if lora_file else ""))
+        lora = str(out / lora_file.name) if lora_file else None
+        if src.base_gguf is not None:  # one variant: the base file as it is + the LoRA
+            name = cfg.name
+            base = src.base_variant or GGUFVariant(name=name, backend="gguf", path=str(path))
+            gguf_variant = base.model_copy(update={  # the base variant's engine settings kept
+                "name": name, "lora_path": lora, "persona": variant.persona,
+                "generation": variant.generation,
+                "description": f"{variant.name}: GGUF LoRA on {path.name}"})
+        else:
+            name = f"{cfg.name}-{kind.lower()}"
+            gguf_variant = GGUFVariant(
+                name=name, backend="gguf", path=str(out / path.name), lora_path=lora,
+                persona=variant.persona, generation=variant.generation,
+                description=f"{variant.name} as GGUF {kind}"
+                + (" + GGUF LoRA" if lora_file else ""))
         yaml_path = register_variant(ctx.store, gguf_variant, ctx.home,
                                      base=variant.model, run_id=ctx.run_id,
                                      note=f"exported by kyara job {cfg.name}")

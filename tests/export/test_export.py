@@ -235,3 +235,69 @@ def test_converters_fetched_once_from_the_registry(tmp_path):
     said.clear()
     assert tools.converter_dir(tmp_path, say=said.append) == folder
     assert not any("fetching" in line for line in said)
+
+
+def test_lora_on_an_existing_base_gguf(workspace, tmp_path, gemma3_dir, gemma3_adapter):
+    """`base_gguf:` pairs the GGUF LoRA with a GGUF of the base that already exists (a gguf
+    variant, or a file): the base is not converted again, the LoRA is verified on it (the
+    generation check by its name: waived on Q8_0, required on f16) and one variant is
+    registered that keeps the base where it is."""
+    import numpy as np
+
+    _variant(workspace, "tiny-g3", gemma3_dir)
+    events, ctx = _run(workspace, tmp_path, name="tiny-base", variant="tiny-g3",
+                       quantize=["q8_0"])
+    assert events[-1].type == "done", events[-1]
+    base_q8 = ctx.home / "exports" / "tiny-base" / "tiny-base-Q8_0.gguf"
+    base_f16 = ctx.home / "exports" / "tiny-base" / "tiny-base-f16.gguf"
+    assert base_q8.is_file() and base_f16.is_file()
+
+    _variant(workspace, "tiny-ayane", gemma3_dir, gemma3_adapter)
+    events, ctx = _run(workspace, tmp_path, name="tiny-on-q8", variant="tiny-ayane",
+                       lora_only=True, base_gguf="tiny-base-q8_0")
+    final = events[-1]
+    assert final.type == "done", final
+    stages = {e.stage: e.message for e in events if e.type == "stage"}
+    assert stages["convert"] == "adapter -> GGUF LoRA f16 on tiny-base-Q8_0.gguf"
+    check = final.summary["verification"]["tiny-base-Q8_0"]
+    assert check["kind"] == "lora on tiny-base-Q8_0.gguf"
+    assert check["generation"] == "not required (quantised base)" and check["passed"] is True
+    out = Path(final.summary["output"])
+    assert final.summary["files"] == ["tiny-on-q8-lora-f16.gguf"]  # the base stays put
+    assert final.summary["variants"] == ["tiny-on-q8"]
+    variant = yaml.safe_load((ctx.home / "models" / "tiny-on-q8.yaml").read_text())
+    assert variant["path"] == str(base_q8)
+    assert variant["lora_path"] == str(out / "tiny-on-q8-lora-f16.gguf")
+    prompt = "<bos><start_of_turn>user\n紅茶は好き？<end_of_turn>\n<start_of_turn>model\n"
+    plain = _last_logits(base_q8, prompt)
+    adapted = _last_logits(base_q8, prompt, out / "tiny-on-q8-lora-f16.gguf")
+    assert np.abs(plain - adapted).max() > 1e-2
+
+    events, _ = _run(workspace, tmp_path, name="tiny-on-f16", variant="tiny-ayane",
+                     lora_only=True, base_gguf=str(base_f16))  # a file, not a variant
+    assert events[-1].type == "done", events[-1]
+    check = events[-1].summary["verification"]["tiny-base-f16"]
+    assert check["generation"] == "5/5 identical"  # unquantised: required, and it matches
+
+
+def test_base_gguf_refusals_are_one_line(workspace, tmp_path, gemma3_dir, gemma3_adapter):
+    _variant(workspace, "tiny-ayane", gemma3_dir, gemma3_adapter)
+    with pytest.raises(ConfigError) as caught:  # the config itself
+        _run(workspace, tmp_path, name="x1", variant="tiny-ayane", base_gguf="whatever")
+    assert "lora_only" in _one_line(str(caught.value))
+    with pytest.raises(ConfigError) as caught:
+        _run(workspace, tmp_path, name="x2", variant="tiny-ayane", lora_only=True,
+             base_gguf="tiny-ayane")
+    assert "hf variant" in _one_line(str(caught.value))
+    not_gguf = tmp_path / "base.gguf"
+    not_gguf.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ConfigError) as caught:
+        _run(workspace, tmp_path, name="x3", variant="tiny-ayane", lora_only=True,
+             base_gguf=str(not_gguf))
+    assert "not a GGUF file" in _one_line(str(caught.value))
+    with pytest.raises(ConfigError) as caught:
+        _run(workspace, tmp_path, name="x4", variant="tiny-ayane", lora_only=True,
+             base_gguf="models/missing.gguf")
+    assert "not found" in _one_line(str(caught.value))
+    assert not (tmp_path / "home" / "exports").exists()
+    assert not (tmp_path / "home" / "models").exists()
