@@ -194,6 +194,8 @@ class KyaraApp(App[None]):
         yield SystemCommand("Compare variants", "one question to several combinations",
                             self.action_compare)
         yield SystemCommand("History", "past chats and comparisons", self.action_history)
+        yield SystemCommand("Reports", "evaluation runs: headline tables and charts",
+                            self.action_reports)
         yield SystemCommand("Export session to Markdown", "", self.action_export)
         yield from self.extra_commands()
 
@@ -216,6 +218,15 @@ class KyaraApp(App[None]):
         if not isinstance(self.screen, JobsScreen):
             self.push_screen(JobsScreen(self.workspace, self.session.store,
                                         on_finished=self.job_finished))
+
+    def action_reports(self) -> None:
+        from console.reports_screen import ReportsScreen
+
+        if self.workspace is None:
+            self.notify("reports need the configs directory", severity="warning", markup=False)
+            return
+        if not isinstance(self.screen, ReportsScreen):
+            self.push_screen(ReportsScreen(self.workspace.settings.home_path()))
 
     def start_job(self, path: Path) -> None:
         from console.jobs_screen import JobsScreen

@@ -214,6 +214,10 @@ from console.plan_cli import plan  # noqa: E402  (`kyara plan JOB.yaml`)
 
 app.command("plan")(plan)
 
+from console.report_cli import report  # noqa: E402  (`kyara report [RUN]`)
+
+app.command("report")(report)
+
 
 def main() -> None:
     try:

@@ -24,7 +24,8 @@ class SessionsRead(Message):
 def session_rows(store: Any, persona: str | None = None) -> list[dict[str, Any]]:
     from store.sql import quote
 
-    where = f"persona = {quote(persona)}" if persona else None
+    # an eval job's replies are stored as sessions too; its report is where to read them
+    where = "kind != 'eval'" + (f" AND persona = {quote(persona)}" if persona else "")
     rows = store.rows("sessions", where=where)
     return sorted(rows, key=lambda r: r["updated_at"], reverse=True)
 

@@ -131,6 +131,8 @@ def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = Non
     except OSError as exc:
         raise LaunchError(f"{directory}: cannot make the run directory: "
                           f"{exc.strerror or exc}") from None
+    if force and "force" not in type(cfg).model_fields:
+        raise LaunchError(f"--force: a {cfg.job} job has no force option")
     if force and not cfg.force:
         import yaml
 

@@ -50,7 +50,8 @@ def _print_event(event: Any) -> None:
 def run_cmd(
     config: Path = typer.Argument(..., help="a job file (configs/jobs/*.yaml)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="print its events until it ends"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output (export)"),
+    force: bool = typer.Option(False, "--force", help="force: true for this run: replace an "
+                               "existing output (export), start above max_cost_usd (eval)"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Start a job as a detached process (it survives this shell and SSH dropping)."""

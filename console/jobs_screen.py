@@ -142,6 +142,7 @@ class JobsScreen(Screen[None]):
     BINDINGS = [
         Binding("n", "new_job", "New job", id="jobs_new"),
         Binding("c", "cancel_job", "Cancel job", id="jobs_cancel"),
+        Binding("r", "reports", "Reports", id="jobs_reports"),
     ]
     DEFAULT_CSS = """
     #jobs-title { height: 1; background: $panel; padding: 0 1; }
@@ -174,8 +175,8 @@ class JobsScreen(Screen[None]):
         self._poll_error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static(Text("jobs  (n: new job, c: cancel, Escape: back)"), id="jobs-title",
-                     markup=False)
+        yield Static(Text("jobs  (n: new job, c: cancel, r: reports, Escape: back)"),
+                     id="jobs-title", markup=False)
         with Horizontal(id="jobs-body"):
             yield OptionList(id="runs")
             with Vertical(id="run-detail"):
@@ -408,6 +409,12 @@ class JobsScreen(Screen[None]):
             self.notify(f"sent SIGTERM to {message.name}", markup=False)
         else:
             self.notify(f"{message.name} is not running", severity="warning", markup=False)
+
+    def action_reports(self) -> None:
+        """The eval runs' reports (an eval job writes them under <home>/evals)."""
+        from console.reports_screen import ReportsScreen
+
+        self.app.push_screen(ReportsScreen(self.workspace.settings.home_path()))
 
     def action_cancel(self) -> None:
         """Escape: close the job picker, else go back to the chat."""

@@ -288,10 +288,59 @@ class Dialogue(Strict):
         return value
 
 
+def _no_blank_items(value: list[str]) -> list[str]:
+    blank = [i for i, item in enumerate(value) if not item.strip()]
+    if blank:
+        raise ValueError(f"item [{blank[0]}] is blank; every item needs text")
+    return value
+
+
 class EvalQuestion(Strict):
+    """A held-out question. `expect`: any-of substrings, one of which a reply that states the
+    fact contains (compare both after NFKC, without whitespace or "・"); empty where no short
+    substring decides it and only the judge can."""
+
     id: str
     question: str = Field(min_length=1)
     knowledge_ids: list[str] = Field(default_factory=list)
+    expect: list[str] = Field(default_factory=list)
+
+    _expect_not_blank = field_validator("expect")(_no_blank_items)
+
+
+ProbeKind = Literal["code", "future", "secret", "expertise", "break_character", "unknown_self",
+                   "inappropriate"]
+PROBE_KINDS: tuple[str, ...] = ProbeKind.__args__
+
+
+class Probe(Strict):
+    """An out-of-scope question (probes.jsonl): something the character cannot know or
+    would not do; `expect` says, in one sentence, what a graceful in-character answer does."""
+
+    id: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    kind: ProbeKind
+    expect: str = Field(min_length=1)
+
+
+class Script(Strict):
+    """A multi-turn interview (scripts.jsonl): the user's turns only; the model answers each
+    and the whole transcript is judged (stability, consistency)."""
+
+    id: str = Field(min_length=1)
+    title: str = Field(min_length=1)
+    turns: list[str] = Field(min_length=4, max_length=6)
+
+    _turns_not_blank = field_validator("turns")(_no_blank_items)
+
+
+class Scenario(Strict):
+    """Who a simulated asker is and what they want to find out (scenarios.jsonl), with the
+    asker's first message."""
+
+    id: str = Field(min_length=1)
+    scenario: str = Field(min_length=1)
+    opening: str = Field(min_length=1)
 
 
 class CalibrationRow(Strict):
@@ -415,6 +464,11 @@ def load_variant(path: str | Path) -> Variant:
 # --- judges ---------------------------------------------------------------------------
 
 
+class JudgePrices(Strict):
+    input: float = Field(ge=0, description="USD per 1M prompt tokens")
+    output: float = Field(ge=0, description="USD per 1M completion tokens")
+
+
 class JudgeConfig(Strict):
     name: str
     provider: Literal["openai", "openai_compatible", "llama_cpp"]
@@ -431,6 +485,8 @@ class JudgeConfig(Strict):
     logprobs: bool = True
     max_tokens: int = Field(2048, gt=0, description="answer budget: four reasoning steps "
                             "in Japanese need ~600-1200 tokens")
+    prices: JudgePrices | None = Field(None, description="USD per million tokens, for the "
+                                       "eval job's cost estimate; unset: not priced")
 
 
 class Criterion(Strict):
@@ -574,20 +630,81 @@ class ExportJob(Strict):
     outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
     quantize: list[str] = Field(default_factory=list, description="e.g. Q4_K_M, Q8_0")
     lora_only: bool = False
+    base_gguf: str | None = Field(
+        None, description="with lora_only: a GGUF of the variant's base (a gguf variant's "
+        "name or a .gguf file) that the GGUF LoRA is verified on and paired with, instead "
+        "of converting the base")
     output: str | None = None
     force: bool = False
 
+    @model_validator(mode="after")
+    def _base_gguf_pairs_a_lora(self) -> ExportJob:
+        if self.base_gguf is not None and not self.lora_only:
+            raise ValueError("base_gguf needs lora_only: true (only the adapter is converted)")
+        if self.base_gguf is not None and self.quantize:
+            raise ValueError("quantize: nothing to quantise with base_gguf (the base GGUF is "
+                             "used as it is)")
+        return self
+
+
+EVAL_SETS = ("heldout", "probes", "scripts", "simulated")
+
 
 class EvalJob(Strict):
+    """Variants x retrieval off/on over the persona's held-out question sets, generated once,
+    judged on every criterion and pairwise against a reference; statistics and a report."""
+
     job: Literal["eval"]
     name: str
     persona: str = "ayane"
     variants: list[str] = Field(min_length=1)
-    rag: list[bool] = Field(default_factory=lambda: [False, True])
+    rag: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    sets: list[Literal["heldout", "probes", "scripts", "simulated"]] = Field(
+        default_factory=lambda: ["heldout", "probes", "scripts"], min_length=1)
+    questions: str | None = Field(None, description="held-out questions (JSON Lines of "
+                                  "{id, question}); default: the persona's eval.jsonl")
+    limits: dict[str, int] = Field(default_factory=dict, description="per set, the first N "
+                                   "items (e.g. {heldout: 20, probes: 5, scripts: 2})")
+    samples: int = Field(1, ge=1, description="replies per question: 1 is greedy, more are "
+                         "sampled at `temperature`")
+    temperature: float = Field(0.7, gt=0, description="only when samples > 1")
+    max_new_tokens: int = Field(96, ge=1)
     judge: str = "gpt-4o-mini"
-    criteria: list[str] = Field(default_factory=lambda: ["personality", "style"])
-    questions: str | None = None
-    report: str | None = None
+    criteria: list[str] = Field(default_factory=lambda: ["personality", "style"], min_length=1)
+    probe_criteria: list[str] = Field(default_factory=lambda: ["hallucination"],
+                                      description="added for the out-of-scope probes")
+    script_criteria: list[str] = Field(default_factory=lambda: ["stability"],
+                                       description="the multi-turn transcripts are judged on "
+                                       "these (instead of `criteria`)")
+    pairwise_criteria: list[str] = Field(
+        default_factory=lambda: ["personality"], description="criteria asked pairwise against "
+        "the reference (both replies shown, twice with the positions swapped); [] for none")
+    reference: str | None = Field(None, description="the combination differences are measured "
+                                  "against: 'variant' (RAG off) or 'variant+rag'; default the "
+                                  "first one")
+    simulator: str | None = Field(None, description="a judge config whose model plays the "
+                                  "asker in the `simulated` set")
+    simulated_turns: int = Field(4, ge=1, le=12)
+    seed: int = 0
+    max_cost_usd: float | None = Field(None, ge=0, description="refuse to start above this "
+                                       "estimate (judge prices from the judge config)")
+    force: bool = Field(False, description="start even above max_cost_usd")
+    output: str | None = Field(None, description="default <home>/evals/<name>; a rerun resumes")
+
+    @model_validator(mode="after")
+    def _sets_and_reference(self) -> EvalJob:
+        if "simulated" in self.sets and not self.simulator:
+            raise ValueError("sets: 'simulated' needs simulator: (a judge config name)")
+        unknown = sorted(set(self.limits) - set(EVAL_SETS))
+        if unknown:
+            raise ValueError(f"limits: unknown set(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(EVAL_SETS)})")
+        if self.reference is not None:
+            combos = [v + ("+rag" if r else "") for v in self.variants for r in self.rag]
+            if self.reference not in combos:
+                raise ValueError(f"reference: '{self.reference}' is not one of the "
+                                 f"combinations ({', '.join(combos)})")
+        return self
 
 
 class IndexJob(Strict):

@@ -24,6 +24,9 @@ from pipelines.config import (
     JudgeConfig,
     KnowledgeFact,
     Persona,
+    Probe,
+    Scenario,
+    Script,
     Variant,
     apply_env,
     load_job,
@@ -39,6 +42,10 @@ PERSONA_FILES = {
     "dialogues.jsonl": Dialogue,
     "eval.jsonl": EvalQuestion,
     "calibration.jsonl": CalibrationRow,
+    # the eval job's held-out sets: never training data
+    "probes.jsonl": Probe,
+    "scripts.jsonl": Script,
+    "scenarios.jsonl": Scenario,
 }
 
 
@@ -60,6 +67,9 @@ class PersonaData:
     dialogues: list[Dialogue]
     eval: list[EvalQuestion]
     calibration: list[CalibrationRow]
+    probes: list[Probe] = field(default_factory=list)
+    scripts: list[Script] = field(default_factory=list)
+    scenarios: list[Scenario] = field(default_factory=list)
 
 
 @dataclass
@@ -138,6 +148,9 @@ class Workspace:
             dialogues=loaded["dialogues.jsonl"],
             eval=loaded["eval.jsonl"],
             calibration=loaded["calibration.jsonl"],
+            probes=loaded["probes.jsonl"],
+            scripts=loaded["scripts.jsonl"],
+            scenarios=loaded["scenarios.jsonl"],
         )
 
     def variant(self, name: str | None = None) -> Variant:

@@ -173,7 +173,7 @@ TOUCHED = ("updated_at",)
 
 # Closed vocabularies, checked on write so a typo cannot reach the table.
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
-    ("sessions", "kind"): frozenset({"chat", "compare"}),
+    ("sessions", "kind"): frozenset({"chat", "compare", "eval"}),  # eval: an eval job's replies
     ("messages", "role"): frozenset({"user", "assistant", "system"}),
     ("messages", "status"): frozenset({"complete", "incomplete", "error"}),
     ("judgments", "status"): frozenset({"ok", "invalid", "failed"}),

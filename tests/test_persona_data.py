@@ -1,9 +1,12 @@
 """Lint of the shipped Ayane persona: the data the judge, retrieval and training rely on."""
 
+import shutil
+import unicodedata
 from collections import Counter
 
 import pytest
 
+from pipelines.config import PROBE_KINDS, ConfigError
 from pipelines.workspace import Workspace
 from tests.conftest import CONFIGS
 
@@ -15,6 +18,15 @@ RAG_TAIL = (
     "また応答の参考になりうるお嬢様の情報を与えます。応答の参考にならない情報を含む場合もあるので"
     "その場合は無視してください。"
 )
+
+
+LAB_QUESTION = "あなたの名前はなんですか?"  # the lab's own table question, ASCII "?" as written
+
+
+def _norm(text: str) -> str:
+    """How held-out text is compared, and how `expect` strings are matched: NFKC (full- and
+    half-width alike), no whitespace, no middle dots (レ・ミゼラブル = レミゼラブル)."""
+    return "".join(unicodedata.normalize("NFKC", text).split()).replace("・", "")
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +102,106 @@ def test_calibration_covers_every_score(data):
     assert all(counts[s] >= 8 for s in range(1, 8)), counts
     assert len({r.id for r in rows}) == len(rows)
     assert all(r.reason.strip() and "\n" not in r.reason for r in rows)
+
+
+# --- the eval job's held-out sets (probes, scripts, scenarios) and eval's expect strings ---
+
+
+def test_the_lab_question_is_the_first_eval_row(data):
+    first = data.eval[0]
+    assert first.id == "e000" and first.question == LAB_QUESTION
+    assert first.knowledge_ids == ["k001"] and first.expect
+    assert len({q.id for q in data.eval}) == len(data.eval)
+
+
+def test_expect_strings_are_in_their_facts(data):
+    facts = {f.id: _norm(f.text) for f in data.knowledge}
+    problems = [f"{q.id}: {e!r} in none of {q.knowledge_ids}"
+                for q in data.eval for e in q.expect
+                if not any(_norm(e) in facts[k] for k in q.knowledge_ids)]
+    assert problems == []
+    assert all(q.knowledge_ids for q in data.eval if q.expect), "expect needs a fact"
+    with_expect = sum(bool(q.expect) for q in data.eval)
+    assert with_expect >= 0.8 * sum(bool(q.knowledge_ids) for q in data.eval)
+
+
+def test_probes(data):
+    probes = data.probes
+    assert len(probes) >= 24
+    assert len({p.id for p in probes}) == len(probes), "duplicate probe ids"
+    kinds = Counter(p.kind for p in probes)
+    assert set(kinds) == set(PROBE_KINDS), kinds  # every kind is asked
+    assert len({_norm(p.question) for p in probes}) == len(probes), "duplicate probe question"
+    for p in probes:
+        assert "\n" not in p.expect and p.expect.rstrip().endswith("."), p.id  # one sentence
+
+
+def test_scripts(data):
+    scripts = data.scripts
+    assert len(scripts) >= 12
+    assert len({s.id for s in scripts}) == len(scripts), "duplicate script ids"
+    for s in scripts:
+        assert 4 <= len(s.turns) <= 6 and all(t.strip() for t in s.turns), s.id
+        assert s.title.strip(), s.id
+
+
+def test_scenarios(data):
+    scenarios = data.scenarios
+    assert len(scenarios) >= 4
+    assert len({u.id for u in scenarios}) == len(scenarios), "duplicate scenario ids"
+    assert all(u.scenario.strip() and u.opening.strip() for u in scenarios)
+
+
+def test_eval_sets_are_held_out_of_training_and_calibration(data):
+    """No probe, script turn or scenario opening is a user message the model was trained on
+    (dialogues) or a question the judge was calibrated on; nor an eval question."""
+    seen = {_norm(m.content) for d in data.dialogues for m in d.messages if m.role == "user"}
+    seen |= {_norm(r.question) for r in data.calibration}
+    seen |= {_norm(q.question) for q in data.eval}
+    asked = ([(p.id, p.question) for p in data.probes]
+             + [(s.id, t) for s in data.scripts for t in s.turns]
+             + [(u.id, u.opening) for u in data.scenarios])
+    leaked = [f"{where}: {text}" for where, text in asked if _norm(text) in seen]
+    assert leaked == []
+
+
+def test_missing_eval_set_files_are_empty_lists(tmp_path):
+    persona = tmp_path / "personas" / "ayane"
+    persona.mkdir(parents=True)
+    shutil.copy(CONFIGS / "personas" / "ayane" / "persona.yaml", persona)
+    got = Workspace(configs=tmp_path).persona_data("ayane")
+    assert got.probes == [] and got.scripts == [] and got.scenarios == []
+
+
+@pytest.mark.parametrize("filename, broken, expect", [
+    ("probes.jsonl", '{"id": "p99", "question": "x", "kind": "weather", "expect": "y."}',
+     "kind: expected: input should be"),
+    ("probes.jsonl", '{"id": "p99", "question": "x", "kind": "code"', "invalid JSON"),
+    ("scripts.jsonl", '{"id": "s99", "title": "t", "turns": ["a", "b", "c"]}',
+     "turns: expected: list should have at least 4 items"),
+    ("scripts.jsonl", '{"id": "s99", "title": "t", "turns": ["a", " ", "c", "d"]}',
+     "turns: expected: item [1] is blank"),
+    ("scenarios.jsonl", '{"id": "u99", "scenario": "s"}', "opening: missing required key"),
+])
+def test_a_broken_row_is_one_line_naming_file_and_line(tmp_path, filename, broken, expect):
+    tree = tmp_path / "configs"
+    shutil.copytree(CONFIGS / "personas", tree / "personas")
+    path = tree / "personas" / "ayane" / filename
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines.insert(2, broken)  # the third line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ws = Workspace(configs=tree)
+    with pytest.raises(ConfigError) as caught:
+        ws.persona_data("ayane")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}:3: ") and expect in message
+    # `kyara config check` validates the file the same way
+    [result] = ws.check([path])
+    assert result.error == message and result.kind == path.stem
+
+
+def test_config_check_validates_the_eval_sets():
+    results = Workspace.load(CONFIGS).check()
+    ours = {r.kind: r for r in results if r.kind in ("probes", "scripts", "scenarios")}
+    assert set(ours) == {"probes", "scripts", "scenarios"}
+    assert [r.error for r in ours.values() if r.error] == []

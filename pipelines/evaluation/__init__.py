@@ -20,7 +20,19 @@ inside `generate`.
 
 from pipelines.evaluation.figures import Figures, figures, table
 from pipelines.evaluation.generate import Reply, generate, prompt_ids, replies_from_backend
+from pipelines.evaluation.results import build_results, load_results, write_results
+from pipelines.evaluation.stats import (
+    Estimate,
+    PairedEstimate,
+    Proportion,
+    mean_ci,
+    outcome_rates,
+    paired_diff,
+    wilson,
+)
 from pipelines.inference.end_of_generation import end_of_generation_ids
 
-__all__ = ["Figures", "Reply", "end_of_generation_ids", "figures", "generate", "prompt_ids",
-           "replies_from_backend", "table"]
+__all__ = ["Estimate", "Figures", "PairedEstimate", "Proportion", "Reply", "build_results",
+           "end_of_generation_ids", "figures", "generate", "load_results", "mean_ci",
+           "outcome_rates", "paired_diff", "prompt_ids", "replies_from_backend", "table",
+           "wilson", "write_results"]

@@ -41,6 +41,7 @@ JOBS: dict[str, str] = {
     "curate": "pipelines.jobs.curate",
     "export": "pipelines.jobs.export",
     "evolve": "pipelines.jobs.evolve",
+    "eval": "pipelines.jobs.eval",
 }
 ENV_MODULES = "KYARA_JOB_MODULES"
 

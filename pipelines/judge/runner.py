@@ -292,20 +292,84 @@ class Judge:
         c = self.criterion(criterion)
         base = {"criterion": c.name, "judge_model": self.model, "prompt_version": c.prompt_version,
                 "cache_key": self.key(interaction, criterion), "message_id": interaction.id}
+        # fresh delimiters per request
+        return await self._ask(lambda: self.prompt(interaction, criterion).text, base,
+                               self._verdict)
+
+    # --- pairwise ------------------------------------------------------------------------
+
+    def pairwise_key(self, conversation: Interaction, a: str, b: str, criterion: str) -> str:
+        from pipelines.judge.pairwise import PREFIX, PROMPT_VERSION
+
+        c = self.criterion(criterion)
+        shown = Interaction(conversation.messages[:-1] + (("assistant", a), ("assistant", b)))
+        return cache_key(persona=self.persona.id, interaction=shown, criterion=PREFIX + c.name,
+                         judge_model=self.model, prompt_version=PROMPT_VERSION,
+                         context=digest_text(self._contexts[c.name], c.question))
+
+    async def prefer(self, conversation: Interaction, a: str, b: str, criterion: str, *,
+                     message_id: str | None = None) -> Verdict:
+        """Which of two replies (A, B) to the same conversation better meets `criterion`,
+        or a tie: a Verdict of criterion `pairwise:<criterion>` whose score encodes the
+        choice (pipelines.judge.pairwise.choice_of reads it). Cached, retried and stored
+        like a score; `conversation` ends with a placeholder reply (its text is unused)."""
+        from pipelines.judge.pairwise import PREFIX, PROMPT_VERSION, build_pairwise_prompt
+
+        c = self.criterion(criterion)
+        key = self.pairwise_key(conversation, a, b, criterion)
+        message_id = message_id or ""
+        hit = self._memory.get(key, {}).get(message_id)
+        if hit is None and self.store is not None:
+            rows = await asyncio.to_thread(self._stored_rows, [key])
+            mine = next((r for r in rows if (r["message_id"] or "") == message_id), None)
+            hit = Verdict.from_row(mine or rows[0]) if rows else None
+            if hit is not None and mine is None:
+                hit.message_id = message_id or None
+                self._persist(hit)
+        if hit is not None:
+            return hit
+        base = {"criterion": PREFIX + c.name, "judge_model": self.model,
+                "prompt_version": PROMPT_VERSION, "cache_key": key,
+                "message_id": message_id or None}
+        verdict = await self._ask(
+            lambda: build_pairwise_prompt(c, self.persona, conversation, a, b), base,
+            self._choice)
+        self._persist(verdict)
+        return verdict
+
+    def _choice(self, completion: Completion, attempts: int, started: float,
+                base: dict[str, Any]) -> Verdict:
+        from pipelines.judge.pairwise import CHOICE_SCORES, parse_choice
+
+        text = completion.text
+        choice = parse_choice(text)
+        common = {"raw_text": text, "tokens": completion.tokens, "attempts": attempts,
+                  "latency_ms": _ms(started), **base}
+        if choice is None:
+            return Verdict(status="invalid", error_kind=NO_SCORE, **common)
+        return Verdict(status="ok", score=CHOICE_SCORES[choice], reasoning=text, **common)
+
+    # --- one request, retried ------------------------------------------------------------
+
+    async def _ask(self, make_prompt: Callable[[], str], base: dict[str, Any],
+                   finish: Callable[[Completion, int, float, dict[str, Any]], Verdict]
+                   ) -> Verdict:
+        """Send the prompt `make_prompt()` builds (anew per attempt) until an answer comes,
+        with the retry policy of the module docstring; `finish` reads the answer."""
         started = time.perf_counter()
         attempts = 0
         while True:
             if self.fatal is not None:
                 return Verdict(status="failed", error_kind=self.fatal.kind, error=str(self.fatal),
                                attempts=attempts, latency_ms=_ms(started), **base)
-            prompt = self.prompt(interaction, criterion)  # fresh delimiters per request
+            prompt = make_prompt()
             try:
                 async with self._slots():
                     if self.fatal is not None:  # it stopped while this one waited for a slot
                         continue
                     attempts += 1
                     self.requests += 1
-                    completion = await self.provider.complete(prompt.text)
+                    completion = await self.provider.complete(prompt)
             except ProviderError as exc:
                 if exc.fatal:
                     self.fatal = self.fatal or exc
@@ -318,7 +382,7 @@ class Judge:
                 log.info("%s; attempt %d, again in %.2f s", exc, attempts, delay)
                 await asyncio.sleep(delay)
                 continue
-            return self._verdict(completion, attempts, started, base)
+            return finish(completion, attempts, started, base)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

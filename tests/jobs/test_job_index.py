@@ -50,8 +50,11 @@ def test_a_cancelled_context_stops_the_job(configs, ctx):
         list(get_job("index").run(cfg, ctx))
 
 
-def test_kinds_not_implemented_yet_say_so(configs, ctx):
-    path = configs / "jobs" / "eval-x.yaml"  # export is implemented now; eval is not yet
+def test_kinds_not_implemented_yet_say_so(configs, ctx, monkeypatch):
+    from pipelines import jobs
+
+    monkeypatch.delitem(jobs.JOBS, "eval")  # every kind runs today: stands for the next one
+    path = configs / "jobs" / "eval-x.yaml"
     path.write_text("job: eval\nname: eval-x\nvariants: [v]\n", encoding="utf-8")
     cfg = load_job(path)
     assert not is_implemented("eval") and is_implemented("index")
