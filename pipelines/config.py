@@ -669,6 +669,9 @@ class EvalJob(Strict):
                          "sampled at `temperature`")
     temperature: float = Field(0.7, gt=0, description="only when samples > 1")
     max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass for hf variants "
+                            "(single-turn questions); GGUF and OpenAI variants answer one "
+                            "at a time")
     judge: str = "gpt-4o-mini"
     criteria: list[str] = Field(default_factory=lambda: ["personality", "style"], min_length=1)
     probe_criteria: list[str] = Field(default_factory=lambda: ["hallucination"],

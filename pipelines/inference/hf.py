@@ -404,6 +404,59 @@ class HFBackend:
                 self.last = self._final(None, None, result, prompt, started, watch)
             yield self.last
 
+    def generate_batch(self, conversations: Sequence[Sequence[Message]],
+                       options: GenerationOptions, batch_size: int = 8) -> list[Delta]:
+        """Replies to many conversations, `batch_size` prompts per `model.generate` (left
+        padded): what an evaluation over a question set runs on a GPU instead of one stream
+        per question. One final Delta per conversation, in order, with the reply's text in
+        `text`, its stop reason (eos / length), token counts and tokens/s of its batch."""
+        entry = self._entry
+        out: list[Delta] = []
+        with entry.lock:
+            model = entry.model
+            pad = self.tokenizer.pad_token_id
+            if pad is None:
+                pad = next(iter(self.eos_ids))
+            if self.adapter_name:
+                model.set_adapter(self.adapter_name)
+            for start in range(0, len(conversations), max(1, batch_size)):
+                prompts = [self.tokenize_prompt(m) for m in conversations[start:start + batch_size]]
+                width = max(len(p) for p in prompts)
+                budget = options.max_new_tokens
+                if self.context_window:
+                    budget = min(budget, self.context_window - width)
+                    if budget <= 0:
+                        raise BackendError(f"variant {self.name!r}: a prompt of {width} tokens "
+                                           f"fills the context window ({self.context_window})")
+                ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(prompts), width), dtype=torch.long)
+                for row, prompt in enumerate(prompts):
+                    ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+                    mask[row, width - len(prompt):] = 1
+                kwargs = self._generate_kwargs(options, budget)
+                scope = (model.disable_adapter() if not self.adapter_name and _is_peft(model)
+                         else nullcontext())
+                started = time.perf_counter()
+                with scope, torch.no_grad():
+                    if options.seed is not None:
+                        torch.manual_seed(options.seed)
+                    result = model.generate(input_ids=ids.to(model.device),
+                                            attention_mask=mask.to(model.device), **kwargs)
+                seconds = time.perf_counter() - started
+                rows = result[:, width:].tolist()
+                made = sum(next((i + 1 for i, t in enumerate(r) if t in self.eos_ids), len(r))
+                           for r in rows)
+                for prompt, row in zip(prompts, rows, strict=True):
+                    cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+                    kept = row if cut is None else row[:cut]
+                    out.append(Delta(
+                        text=self.tokenizer.decode(kept, skip_special_tokens=True), done=True,
+                        stop_reason="length" if cut is None else "eos",
+                        stop_token=None if cut is None else self.eos_ids[row[cut]],
+                        prompt_tokens=len(prompt), completion_tokens=len(kept),
+                        tokens_per_s=made / seconds if seconds > 0 else None))
+        return out
+
     def _final(
         self,
         reason: str | None,

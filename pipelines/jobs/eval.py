@@ -414,22 +414,36 @@ def generate(cfg: EvalJob, ctx: JobContext, setup: Setup
             backend = load_backend(combos[0].variant, ctx.home)
         except BackendError as exc:
             raise ConfigError(str(exc)) from None
+        batched = callable(getattr(backend, "generate_batch", None))
+        steps: list[list[tuple[str, str, str, int]]] = []
+        if batched:  # single-turn items in batches per combination, the rest one by one
+            for combo in combos:
+                single = [k for k in mine if k[0] == combo.id and k[1] in SINGLE_TURN]
+                steps += [single[i:i + cfg.batch_size]
+                          for i in range(0, len(single), cfg.batch_size)]
+            taken = {k for step in steps for k in step}
+            steps += [[k] for k in mine if k not in taken]
+        else:
+            steps = [[k] for k in mine]
         try:
-            for combo_id, set_name, item_id, sample in mine:
-                combo = next(c for c in combos if c.id == combo_id)
-                item = items[(set_name, item_id)]
-                rid = plan_ids[(combo_id, set_name, item_id, sample)]
-                record = _answer(cfg, setup, backend, retriever, simulator, combo, item,
-                                 sample, rid)
-                _append(path, record)
-                _store_reply(ctx, cfg, combo, setup.persona.id, record)
-                done[rid] = record
-                setup.generated += 1
-                count += 1
+            for step in steps:
+                combo = next(c for c in combos if c.id == step[0][0])
+                work = [(items[(k[1], k[2])], k[3], plan_ids[k]) for k in step]
+                if batched and step[0][1] in SINGLE_TURN:
+                    records = _answer_batch(cfg, setup, backend, retriever, combo, work)
+                else:
+                    records = [_answer(cfg, setup, backend, retriever, simulator, combo, item,
+                                       sample, rid) for item, sample, rid in work]
+                for record in records:
+                    _append(path, record)
+                    _store_reply(ctx, cfg, combo, setup.persona.id, record)
+                    done[record["id"]] = record
+                    setup.generated += 1
+                    count += 1
+                    if record.get("error"):
+                        yield ev.log(f"{combo.id} {record['set']}/{record['question_id']}: "
+                                     f"{record['error']}", level="warning")
                 yield ev.progress(count, total, "replies", stage="generate")
-                if record.get("error"):
-                    yield ev.log(f"{combo.id} {item.set}/{item.id}: {record['error']}",
-                                 level="warning")
                 ctx.check_cancelled()
         finally:
             backend.close()
@@ -455,23 +469,36 @@ def _options(cfg: EvalJob, sample: int) -> Any:
                              seed=cfg.seed + sample)
 
 
+def _new_record(combo: Combo, item: Item, sample: int, rid: str) -> dict[str, Any]:
+    return {"id": rid, "combo": combo.id, "variant": combo.variant.name, "rag": combo.rag,
+            "set": item.set, "question_id": item.id, "sample": sample,
+            "knowledge_ids": item.knowledge_ids, "expect": item.expect,
+            "error": None, "tokens": 0, "seconds": 0.0, "turn_stops": []}
+
+
+def _prompt(setup: Setup, combo: Combo, retriever: Any, history: list[dict[str, str]],
+            user: str) -> tuple[list[dict[str, str]], list[Any] | None]:
+    """The chat engine's prompt for one user turn: the persona's system prompt (with the
+    facts retrieval finds for this turn when the combination has retrieval on)."""
+    from pipelines.prompting import build_messages, format_context, system_prompt
+
+    hits = retriever.search(user) if combo.rag and retriever is not None else None
+    context = format_context(h.text for h in hits) if hits is not None else None
+    return build_messages(system_prompt(setup.persona, context), history, user), hits
+
+
 def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator: Any,
             combo: Combo, item: Item, sample: int, rid: str) -> dict[str, Any]:
-    """One reply record: the item's turns answered in order (a script's whole conversation,
-    the simulated user's next turn asked of the simulator), the last reply measured."""
+    """One reply record, streamed: the item's turns answered in order (a script's whole
+    conversation, the simulated user's next turn asked of the simulator), the last reply
+    measured."""
     from pipelines.inference.base import BackendError
-    from pipelines.prompting import TemplateError, build_messages, format_context, system_prompt
-    from pipelines.style import check_reply
+    from pipelines.prompting import TemplateError
 
     options = _options(cfg, sample)
     history: list[dict[str, str]] = []
     turns = cfg.simulated_turns if item.set == "simulated" else len(item.turns)
-    record: dict[str, Any] = {
-        "id": rid, "combo": combo.id, "variant": combo.variant.name, "rag": combo.rag,
-        "set": item.set, "question_id": item.id, "sample": sample,
-        "knowledge_ids": item.knowledge_ids, "expect": item.expect,
-        "error": None, "tokens": 0, "seconds": 0.0, "turn_stops": [],
-    }
+    record = _new_record(combo, item, sample, rid)
     started = time.perf_counter()
     text, final, rendered, hits = "", None, "", None
     for turn in range(turns):
@@ -483,9 +510,7 @@ def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator:
             except Exception as exc:  # the simulator's failure is this reply's, one line
                 record["error"] = f"simulated user: {ev.one_line(str(exc))}"
                 break
-        hits = retriever.search(user) if combo.rag and retriever is not None else None
-        context = format_context(h.text for h in hits) if hits is not None else None
-        messages = build_messages(system_prompt(setup.persona, context), history, user)
+        messages, hits = _prompt(setup, combo, retriever, history, user)
         try:
             rendered = backend.render(messages)
             parts: list[str] = []
@@ -498,7 +523,6 @@ def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator:
             text = "".join(parts)
         except (BackendError, TemplateError) as exc:
             record["error"] = ev.one_line(str(exc))
-            text = ""
             break
         if final is None or final.stop_reason not in ("eos", "length"):
             record["error"] = ev.one_line(
@@ -507,9 +531,59 @@ def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator:
         record["tokens"] += final.completion_tokens or 0
         record["turn_stops"].append(final.stop_reason)
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
-    record["seconds"] = round(time.perf_counter() - started, 3)
+    _measure(setup, record, item, history, text, final, rendered, hits,
+             time.perf_counter() - started)
+    return record
+
+
+def _answer_batch(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, combo: Combo,
+                  todo: Sequence[tuple[Item, int, str]]) -> list[dict[str, Any]]:
+    """Single-turn replies through the backend's `generate_batch` (an hf model: several
+    prompts per forward pass), one call per sample's seed. A failed batch is each of its
+    replies' error."""
+    from pipelines.inference.base import BackendError
+    from pipelines.prompting import TemplateError
+
+    records: list[dict[str, Any]] = []
+    for sample in sorted({s for _, s, _ in todo}):
+        chosen = [(item, rid) for item, s, rid in todo if s == sample]
+        prompts = [_prompt(setup, combo, retriever, [], item.question) for item, _ in chosen]
+        started = time.perf_counter()
+        try:
+            finals = backend.generate_batch([m for m, _ in prompts], _options(cfg, sample),
+                                            cfg.batch_size)
+            rendered = [backend.render(m) for m, _ in prompts]
+            error = None
+        except (BackendError, TemplateError) as exc:
+            finals, rendered, error = [None] * len(chosen), [""] * len(chosen), exc
+        seconds = (time.perf_counter() - started) / max(1, len(chosen))
+        for (item, rid), (_, hits), final, prompt in zip(chosen, prompts, finals, rendered,
+                                                          strict=True):
+            record = _new_record(combo, item, sample, rid)
+            history: list[dict[str, str]] = []
+            if error is not None or final is None:
+                record["error"] = ev.one_line(str(error or "no reply"))
+            else:
+                record["tokens"] = final.completion_tokens or 0
+                record["turn_stops"].append(final.stop_reason)
+                history = [{"role": "user", "content": item.question},
+                           {"role": "assistant", "content": final.text}]
+            _measure(setup, record, item, history, final.text if final else "", final, prompt,
+                     hits, seconds)
+            records.append(record)
+    return records
+
+
+def _measure(setup: Setup, record: dict[str, Any], item: Item, history: list[dict[str, str]],
+             text: str, final: Any, rendered: str, hits: list[Any] | None,
+             seconds: float) -> None:
+    """The reply's text, transcript, stop, speed, prompt and retrieval into its record,
+    and its style checks (pipelines.style: the console's badges) and fact figure."""
+    from pipelines.style import check_reply
+
     stop = final.stop_reason if final is not None else "error"
     record.update({
+        "seconds": round(seconds, 3),
         "question": history[-2]["content"] if len(history) >= 2 else item.question,
         "transcript": history,
         "text": text if not record["error"] else "",
@@ -526,7 +600,6 @@ def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator:
                        "chars": len(record["text"].strip())}
     record["fact_hit"] = (fact_hit(record["text"], item.expect)
                           if item.expect and not record["error"] else None)
-    return record
 
 
 def _loose(text: str) -> str:

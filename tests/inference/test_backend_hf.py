@@ -276,3 +276,21 @@ def test_truncated_weights_are_a_one_line_error(gemma_dir, tmp_path, one_line):
     message = one_line(str(err.value))
     assert "'broken'" in message and str(broken) in message
     assert cached_models() == {}
+
+
+def test_a_batch_answers_each_conversation_as_its_own_stream(gemma):
+    """generate_batch (the eval job's path for hf variants): prompts of different lengths,
+    left-padded into batches of two, give each conversation the reply and stop reason its
+    own greedy stream gives."""
+    questions = ["好きな紅茶は何ですか？", "犬の名前は？", "週末はどこへお出かけになりますの？"]
+    conversations = [[MESSAGES[0], {"role": "user", "content": q}] for q in questions]
+    options = GenerationOptions(max_new_tokens=12, temperature=0.0)
+    batched = gemma.generate_batch(conversations, options, batch_size=2)
+    assert len(batched) == 3
+    for conversation, reply in zip(conversations, batched, strict=True):
+        streamed = list(gemma.stream(conversation, options))
+        text = "".join(d.text for d in streamed if not d.done)
+        assert reply.done and reply.text == text
+        assert reply.stop_reason == streamed[-1].stop_reason
+        assert reply.completion_tokens == streamed[-1].completion_tokens
+        assert reply.prompt_tokens == len(gemma.tokenize_prompt(conversation))

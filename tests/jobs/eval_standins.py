@@ -96,3 +96,27 @@ def call_key(prompt: str) -> str:
     """One judge call's identity without its random delimiters: the same call asked again
     gives the same key."""
     return re.sub(r"<<<(?:DATA|END)-[0-9a-f]+>>>", "<<<>>>", prompt)
+
+
+class BatchEchoBackend(EchoBackend):
+    """EchoBackend with `generate_batch`, as the hf backend has: one line per batch (its
+    size) in $KYARA_EVAL_BATCHES."""
+
+    def generate_batch(self, conversations: Sequence[Sequence[dict[str, Any]]],
+                       options: GenerationOptions, batch_size: int = 8) -> list[Delta]:
+        batches = os.environ.get("KYARA_EVAL_BATCHES")
+        out = []
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start:start + batch_size]
+            if batches:
+                with open(batches, "a", encoding="utf-8") as fh:
+                    fh.write(f"{len(chunk)}\n")
+            for messages in chunk:
+                deltas = list(self.stream(messages, options))
+                if deltas[-1].stop_reason == "error":
+                    out.append(Delta(done=True, stop_reason="error", error=deltas[-1].error))
+                    continue
+                text = "".join(d.text for d in deltas if not d.done)
+                out.append(Delta(text=text, done=True, stop_reason="eos",
+                                 completion_tokens=len(text), tokens_per_s=50.0))
+        return out

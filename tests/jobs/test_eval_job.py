@@ -363,3 +363,25 @@ def test_a_simulated_user_plays_the_asker(env, server):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rows_ = {row["combo"]: row for row in results["headline"]}
     assert rows_["ayane-s"]["criteria"]["stability"]["mean"] == pytest.approx(6.0)
+
+
+def test_hf_like_backends_answer_single_questions_in_batches(env, server, tmp_path,
+                                                             monkeypatch):
+    """A backend with generate_batch (the hf backend) gets the held-out questions and
+    probes in batches of batch_size per combination; scripts still go turn by turn. The
+    records are the same as streamed ones."""
+    monkeypatch.setenv("KYARA_BACKEND_MODULES", "gguf=tests.jobs.eval_standins:BatchEchoBackend")
+    monkeypatch.setenv("KYARA_EVAL_BATCHES", str(tmp_path / "batches.txt"))
+    events, _ = run_job(env, job_file(env, batch_size=3, pairwise_criteria=[]))
+    assert events[-1].type == "done", events[-1]
+    # per combination: 4 held-out + 2 probes = 6 single questions -> batches of 3 and 3
+    assert (tmp_path / "batches.txt").read_text().split() == ["3", "3", "3", "3"]
+    out = Path(events[-1].summary["output"])
+    rows = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    single = [r for r in rows if r["set"] != "scripts"]
+    assert len(single) == 12 and all(r["stop"] == "eos" and r["rendered_prompt"]
+                                     for r in single)
+    assert all(r["transcript"][-1]["content"] == r["text"] for r in single)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    rows_ = {row["combo"]: row for row in results["headline"]}
+    assert rows_["ayane-s"]["criteria"]["personality"]["mean"] == pytest.approx(6.0)
