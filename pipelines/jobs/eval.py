@@ -31,6 +31,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -700,12 +701,23 @@ def _close(provider: Any) -> None:
 # --- judge -----------------------------------------------------------------------------
 
 
-def _open_judge(cfg: EvalJob, ctx: JobContext, setup: Setup) -> Any:
+@contextmanager
+def _judging(cfg: EvalJob, ctx: JobContext, setup: Setup
+             ) -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    """A Judge on the store (every verdict written at once: flush_s 0) and the event loop
+    the stage drives it with, chunk by chunk; its requests counted into the setup."""
     from pipelines.judge.runner import Judge
 
     wanted = sorted({c for cs in setup.criteria.values() for c in cs} | set(cfg.pairwise_criteria))
-    return Judge.open(ctx.workspace, cfg.judge, setup.persona.id, criteria=wanted,
-                      store=ctx.store, flush_s=0.0)
+    judge_ = Judge.open(ctx.workspace, cfg.judge, setup.persona.id, criteria=wanted,
+                        store=ctx.store, flush_s=0.0)
+    loop = asyncio.new_event_loop()
+    try:
+        yield judge_, loop
+    finally:
+        setup.judge_requests += judge_.requests
+        loop.run_until_complete(judge_.aclose())
+        loop.close()
 
 
 def judge(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict[str, Any]]
@@ -717,10 +729,8 @@ def judge(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict[st
     pairs = [(r, c) for r in replies if not r.get("error")
              for c in setup.criteria[r["set"]]]
     yield ev.stage("judge", f"{len(pairs)} verdicts by {setup.judge_config.model}")
-    judge_ = _open_judge(cfg, ctx, setup)
-    loop = asyncio.new_event_loop()
     records: list[dict[str, Any]] = []
-    try:
+    with _judging(cfg, ctx, setup) as (judge_, loop):
         for start in range(0, len(pairs), JUDGE_CHUNK):
             chunk = pairs[start:start + JUDGE_CHUNK]
             by_criteria: dict[str, list[Any]] = {}
@@ -738,10 +748,6 @@ def judge(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict[st
             yield ev.progress(min(start + JUDGE_CHUNK, len(pairs)), len(pairs), "verdicts",
                               stage="judge")
             ctx.check_cancelled()
-    finally:
-        setup.judge_requests += judge_.requests
-        loop.run_until_complete(judge_.aclose())
-        loop.close()
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         yield ev.log(f"{len(failed)} verdict(s) without a score (missing in the report; a "
@@ -778,8 +784,6 @@ def pairwise(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict
             jobs_.append((reply, ref, criterion))
     yield ev.stage("pairwise", f"{len(jobs_)} comparisons with {setup.reference.id}, "
                    "both orders")
-    judge_ = _open_judge(cfg, ctx, setup)
-    loop = asyncio.new_event_loop()
     records: list[dict[str, Any]] = []
 
     async def both(reply: dict[str, Any], ref: dict[str, Any], criterion: str) -> dict[str, Any]:
@@ -797,7 +801,7 @@ def pairwise(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict
                 "error": next((v.error or v.error_kind for v in (first, second)
                                if v.status != "ok"), None)}
 
-    try:
+    with _judging(cfg, ctx, setup) as (judge_, loop):
         for start in range(0, len(jobs_), JUDGE_CHUNK):
             chunk = jobs_[start:start + JUDGE_CHUNK]
             for reply, ref, criterion in chunk:
@@ -815,10 +819,6 @@ def pairwise(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict
             yield ev.progress(min(start + JUDGE_CHUNK, len(jobs_)), len(jobs_), "comparisons",
                               stage="pairwise")
             ctx.check_cancelled()
-    finally:
-        setup.judge_requests += judge_.requests
-        loop.run_until_complete(judge_.aclose())
-        loop.close()
     return records
 
 

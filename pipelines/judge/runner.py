@@ -337,25 +337,23 @@ class Judge:
         self._persist(verdict)
         return verdict
 
-    def _choice(self, completion: Completion, attempts: int, started: float,
-                base: dict[str, Any]) -> Verdict:
+    @staticmethod
+    def _choice(completion: Completion) -> dict[str, Any] | None:
         from pipelines.judge.pairwise import CHOICE_SCORES, parse_choice
 
-        text = completion.text
-        choice = parse_choice(text)
-        common = {"raw_text": text, "tokens": completion.tokens, "attempts": attempts,
-                  "latency_ms": _ms(started), **base}
+        choice = parse_choice(completion.text)
         if choice is None:
-            return Verdict(status="invalid", error_kind=NO_SCORE, **common)
-        return Verdict(status="ok", score=CHOICE_SCORES[choice], reasoning=text, **common)
+            return None
+        return {"score": CHOICE_SCORES[choice], "reasoning": completion.text}
 
     # --- one request, retried ------------------------------------------------------------
 
     async def _ask(self, make_prompt: Callable[[], str], base: dict[str, Any],
-                   finish: Callable[[Completion, int, float, dict[str, Any]], Verdict]
-                   ) -> Verdict:
+                   read: Callable[[Completion], dict[str, Any] | None]) -> Verdict:
         """Send the prompt `make_prompt()` builds (anew per attempt) until an answer comes,
-        with the retry policy of the module docstring; `finish` reads the answer."""
+        with the retry policy of the module docstring. `read` takes the answer's verdict
+        fields (score, reasoning, ...) from it, or None: an answer without one is
+        `invalid`, its raw text kept."""
         started = time.perf_counter()
         attempts = 0
         while True:
@@ -382,7 +380,12 @@ class Judge:
                 log.info("%s; attempt %d, again in %.2f s", exc, attempts, delay)
                 await asyncio.sleep(delay)
                 continue
-            return finish(completion, attempts, started, base)
+            common = {"raw_text": completion.text, "tokens": completion.tokens,
+                      "attempts": attempts, "latency_ms": _ms(started), **base}
+            fields = read(completion)
+            if fields is None:
+                return Verdict(status="invalid", error_kind=NO_SCORE, **common)
+            return Verdict(status="ok", **fields, **common)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -390,17 +393,15 @@ class Judge:
         ceiling = min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
-    def _verdict(self, completion: Completion, attempts: int, started: float,
-                 base: dict[str, Any]) -> Verdict:
+    @staticmethod
+    def _verdict(completion: Completion) -> dict[str, Any] | None:
         text = completion.text
         parsed = parse_score(text)
-        common = {"raw_text": text, "tokens": completion.tokens, "attempts": attempts,
-                  "latency_ms": _ms(started), **base}
         if parsed is None:
-            return Verdict(status="invalid", error_kind=NO_SCORE, **common)
-        return Verdict(status="ok", score=parsed.score,
-                       weighted_score=weighted_score(text, parsed, completion.logprobs),
-                       reasoning=reasoning_of(text, parsed), **common)
+            return None
+        return {"score": parsed.score,
+                "weighted_score": weighted_score(text, parsed, completion.logprobs),
+                "reasoning": reasoning_of(text, parsed)}
 
     def _persist(self, verdict: Verdict) -> None:
         message_id = verdict.message_id or ""
