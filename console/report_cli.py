@@ -126,27 +126,19 @@ def _one_line(text: str) -> str:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    """results.json parsed and its outline checked; RunError (one line) otherwise."""
+    """results.json parsed and its outline checked (pipelines.evaluation.results, which
+    imports no model library); RunError (one line) otherwise."""
+    from pipelines.evaluation.results import load_results as read
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise RunError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise RunError(f"{path}: cannot read it ({_one_line(exc.strerror or exc)})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                       f"{exc.colno}); rerun the eval job to rebuild it") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: not an eval results file (expected a JSON object)")
-    for key, kind in (("meta", dict), ("combos", list), ("criteria", list),
-                      ("headline", list)):
-        if not isinstance(data.get(key), kind):
-            raise RunError(f"{path}: not an eval results file ({key!r} missing or not a "
-                           f"{'list' if kind is list else 'object'})")
+        data = read(path)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    for key in ("combos", "criteria", "headline"):
+        if not isinstance(data.get(key), list):
+            raise RunError(f"{path}: not an eval results file ({key!r} is not a list)")
+    if not isinstance(data.get("meta"), dict):
+        raise RunError(f"{path}: not an eval results file ('meta' is not an object)")
     return data
 
 
