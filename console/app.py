@@ -11,7 +11,9 @@ Shape of the app, after harlequin and oterm (../shared/STYLE.md):
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from console.widgets import Exchange, plain
+from console.widgets import Exchange, RatePanel, ReplyEditor, plain
 
 FLUSH_S = 0.03  # batch streamed text: ~33 screen updates a second at most
 
@@ -48,6 +50,22 @@ class ReplyDone(Message):
     exchange: Exchange
     message: dict[str, Any] | None  # the stored assistant row
     final: Any  # the last Delta (speed, stop reason), None when cut short
+    # a regenerated reply: its group (position order) and which one is chosen now
+    alternatives: list[dict[str, Any]] | None = None
+    chosen: str | None = None
+
+
+@dataclass
+class ReplyEdited(Message):
+    exchange: Exchange
+    message: dict[str, Any]  # the new row holding the edited text
+    alternatives: list[dict[str, Any]]
+
+
+@dataclass
+class ReplyRated(Message):
+    panel: RatePanel
+    labels: dict[str, int]
 
 
 @dataclass
@@ -86,13 +104,20 @@ class KyaraApp(App[None]):
         Binding("ctrl+o", "export", "Export", id="export", priority=True),
         Binding("ctrl+s", "toggle_side", "Details", id="toggle_side", priority=True),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        # feedback on the selected reply (the focused one, else the last); ← / → browse its
+        # alternatives when it is focused (Exchange's bindings)
+        Binding("ctrl+n", "regenerate", "Regenerate", id="regenerate", priority=True),
+        Binding("f2", "edit_reply", "Edit", id="edit_reply", priority=True),
+        Binding("ctrl+l", "rate_reply", "Rate", id="rate_reply", priority=True),
+        Binding("ctrl+b", "blind_compare", "Blind A/B", id="blind_compare", priority=True),
     ]
 
     def __init__(self, session: Any, *, variants: dict[str, Any], backend_loader: Any,
                  judge: Any = None, judge_note: str | None = None,
                  export_dir: Path | None = None, keymap: dict[str, str] | None = None,
                  compare_spec: list[str] | None = None, workspace: Any = None,
-                 config_problems: list[str] | None = None) -> None:
+                 config_problems: list[str] | None = None,
+                 rate_criteria: list[str] | None = None) -> None:
         super().__init__()
         self.session = session
         self.variants = variants  # name -> Variant config
@@ -108,6 +133,9 @@ class KyaraApp(App[None]):
         self.exchanges: list[Exchange] = []
         self.current: Exchange | None = None
         self.last_final: Any = None
+        # what you rate when no judge is reachable: the configured judge's criteria
+        self._rate_criteria = list(rate_criteria or [])
+        self._choice_lock = threading.Lock()  # choices are stored in the order made
 
     # --- layout --------------------------------------------------------------------------
 
@@ -141,6 +169,15 @@ class KyaraApp(App[None]):
     def criteria(self) -> list[str]:
         return list(getattr(self.judge, "criteria", []) or [])
 
+    @property
+    def rate_criteria(self) -> list[str]:
+        """The criteria you rate a reply on: the judge's (1–7, as its scale)."""
+        return self.criteria or self._rate_criteria
+
+    def key_of(self, binding_id: str, default: str) -> str:
+        """The key bound to an action, as the user's keymap has it (for hints)."""
+        return self._keymap.get(binding_id) or default
+
     def refresh_status(self) -> None:
         """One line, most useful first (it is cut at the right edge at 80 columns)."""
         s = self.session
@@ -159,16 +196,22 @@ class KyaraApp(App[None]):
         self.query_one("#status", Static).update(Text.assemble(*parts))
 
     def load_history(self) -> None:
-        """A resumed session shows its past exchanges (no re-judging)."""
-        rows = self.session.messages()
+        """A resumed session shows its past exchanges (no re-judging): each question with
+        its chosen reply, how many alternatives it has, and your ratings."""
+        from pipelines.feedback import labels_for
+
+        rows = self.session.visible_messages()
+        replies = [r for r in rows if r["role"] == "assistant"]
+        labels = labels_for(self.session.store, [r["id"] for r in replies]) if replies else {}
+        shared = Counter(r["seq"] for r in self.session.messages() if r["role"] == "assistant")
         pending: Exchange | None = None
         for row in rows:
             if row["role"] == "user":
                 pending = self._new_exchange(row["content"], judged=False)
             elif row["role"] == "assistant" and pending is not None:
-                pending.reply.append(row["content"])
-                pending.reply.finish(row["status"])
-                pending.message = row
+                grouped = shared[row["seq"]] > 1  # regenerated or edited
+                pending.show(row, self.session.alternatives(row["id"]) if grouped else None)
+                pending.badges.set_labels(labels.get(row["id"], {}))
                 pending = None
         if pending is not None:
             pending.reply.finish("error")
@@ -197,6 +240,19 @@ class KyaraApp(App[None]):
         yield SystemCommand("Reports", "evaluation runs: headline tables and charts",
                             self.action_reports)
         yield SystemCommand("Export session to Markdown", "", self.action_export)
+        yield SystemCommand("Reply: regenerate", "answer the selected reply's question again "
+                            "(sampling on); ← / → browse the alternatives",
+                            self.action_regenerate)
+        yield SystemCommand("Reply: previous alternative", "show and continue from it",
+                            lambda: self.action_alternative(-1))
+        yield SystemCommand("Reply: next alternative", "show and continue from it",
+                            lambda: self.action_alternative(1))
+        yield SystemCommand("Reply: edit", "edit the selected reply and continue from the "
+                            "edited text (the original is kept)", self.action_edit_reply)
+        yield SystemCommand("Reply: rate", "1–7 on each criterion and thumbs up / down",
+                            self.action_rate_reply)
+        yield SystemCommand("Blind A/B", "two combinations, names hidden and sides shuffled "
+                            "until you vote", self.action_blind_compare)
         yield from self.extra_commands()
 
     def extra_commands(self):
@@ -279,9 +335,16 @@ class KyaraApp(App[None]):
     @work(thread=True, exclusive=True, exit_on_error=False, group="reply",
           description="generate a reply")
     def generate(self, exchange: Exchange, text: str) -> None:
-        from pipelines.chat import Retrieved, TurnDone
+        self._prepare_backend()
+        self._stream_reply(exchange, self.session.send(text))
 
-        worker = get_current_worker()
+    @work(thread=True, exclusive=True, exit_on_error=False, group="reply",
+          description="regenerate a reply")
+    def regenerate_reply(self, exchange: Exchange, original: dict[str, Any]) -> None:
+        self._prepare_backend()
+        self._stream_reply(exchange, self.session.regenerate(original["id"]), original)
+
+    def _prepare_backend(self) -> None:
         session = self.session
         name = session.variant.name
         if not hasattr(session.backend, "stream"):
@@ -293,10 +356,19 @@ class KyaraApp(App[None]):
             notice = making_notice(session.variant, self.workspace.settings.home_path())
             if notice:
                 self.call_from_thread(self.notify, notice, markup=False, timeout=15)
+
+    def _stream_reply(self, exchange: Exchange, stream: Any,
+                      original: dict[str, Any] | None = None) -> None:
+        """Runs in the reply worker: the turn's events become batched chunks and one
+        ReplyDone. `original`: the reply being regenerated."""
+        from pipelines.chat import Retrieved, TurnDone
+
+        worker = get_current_worker()
+        session = self.session
+        name = session.variant.name
         buffer: list[str] = []
         last_flush = time.monotonic()
         final = message = None
-        stream = session.send(text)
         try:
             for event in stream:
                 if worker.is_cancelled:
@@ -320,10 +392,24 @@ class KyaraApp(App[None]):
                 self.post_message(ReplyChunk(exchange, "".join(buffer)))
             if hasattr(session.backend, "stream"):
                 self.backends[name] = session.backend  # loaded once, kept for next time
-            if message is None:
-                rows = session.messages()
-                message = rows[-1] if rows and rows[-1]["role"] == "assistant" else None
-            self.post_message(ReplyDone(exchange, message, final))
+            if original is not None:
+                self.post_message(self._regenerated(exchange, original, message, final))
+            else:
+                if message is None:
+                    rows = session.messages()
+                    message = rows[-1] if rows and rows[-1]["role"] == "assistant" else None
+                self.post_message(ReplyDone(exchange, message, final))
+
+    def _regenerated(self, exchange: Exchange, original: dict[str, Any],
+                     message: dict[str, Any] | None, final: Any) -> ReplyDone:
+        from pipelines.feedback import FeedbackError, chosen_id
+
+        try:
+            group = self.session.alternatives(original["id"])
+            chosen = chosen_id(self.session.store, original["id"])
+        except FeedbackError:  # the original was deleted meanwhile
+            group, chosen = ([message] if message else []), message and message["id"]
+        return ReplyDone(exchange, message, final, group, chosen)
 
     def on_reply_chunk(self, event: ReplyChunk) -> None:
         event.exchange.reply.append(event.text)
@@ -337,6 +423,9 @@ class KyaraApp(App[None]):
 
         exchange = event.exchange
         row = event.message
+        if event.alternatives is not None:
+            self.alternative_done(event)
+            return
         exchange.message = row
         status = row["status"] if row else "incomplete"
         exchange.reply.finish(status)
@@ -354,6 +443,38 @@ class KyaraApp(App[None]):
         if row is not None and status == "complete" and self.judge is not None:
             self.judge_reply(exchange)
 
+    def alternative_done(self, event: ReplyDone) -> None:
+        """A regenerated reply ended: show the group's chosen one (the new reply, unless it
+        failed or was cut short before any text)."""
+        exchange, row = event.exchange, event.message
+        if event.final is not None:
+            self.last_final = event.final
+        if row is not None and row["status"] == "error":
+            self.notify(row.get("error") or "generation failed", severity="error",
+                        markup=False, timeout=8)
+        group = event.alternatives or []
+        shown = next((r for r in group if r["id"] == event.chosen), None) or (
+            group[-1] if group else row)
+        if self.current is exchange:
+            self.current = None
+        if shown is not None:
+            self.show_alternative(exchange, shown, group)
+        self.refresh_status()
+
+    def show_alternative(self, exchange: Exchange, row: dict[str, Any],
+                         group: list[dict[str, Any]] | None = None) -> None:
+        """Show one reply of a group, its style badges, and its judge's verdicts (asked
+        once: the judge keeps every verdict)."""
+        from pipelines.style import check_reply
+
+        exchange.show(row, group)
+        if row["content"]:
+            exchange.badges.set_style(check_reply(row["content"], self.session.persona.speech,
+                                                  row.get("stop_reason")))
+        if (self.judge is not None and exchange.badges.criteria and row["status"] == "complete"
+                and not exchange.badges.verdicts):
+            self.judge_reply(exchange)
+
     @work(exclusive=False, exit_on_error=False, group="judge", description="judge a reply")
     async def judge_reply(self, exchange: Exchange) -> None:
         """Scores arrive criterion by criterion without blocking the stream or the keys."""
@@ -366,7 +487,7 @@ class KyaraApp(App[None]):
         async for verdict in self.judge.stream_verdicts(
             question=exchange.question, reply=row["content"], message_id=row["id"],
             history=earlier[-8:]):
-            exchange.badges.set_verdict(verdict)
+            exchange.set_verdict(row["id"], verdict)  # the user may have browsed away
 
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:
@@ -377,7 +498,10 @@ class KyaraApp(App[None]):
         self.notify(f"{event.worker.description}: {error}", severity="error", markup=False,
                     timeout=8)
         if event.worker.group == "reply" and self.current is not None:
-            self.current.reply.finish("error")
+            if self.current.message is not None and self.current.reply.state == "streaming":
+                self.current.show(self.current.message)  # a regeneration that never began
+            else:
+                self.current.reply.finish("error")
             self.current = None
 
     # --- actions ---------------------------------------------------------------------------
@@ -385,6 +509,11 @@ class KyaraApp(App[None]):
     def action_cancel(self) -> None:
         if self.screen is not self.screen_stack[0] and hasattr(self.screen, "action_cancel"):
             self.screen.action_cancel()  # Escape belongs to the screen on top (compare, ...)
+            return
+        panel = self.query("RatePanel, ReplyEditor")
+        if panel:
+            panel.first().remove()
+            self.query_one("#prompt", Input).focus()
             return
         picker = self.query(VariantPicker)
         if picker:
@@ -485,6 +614,161 @@ class KyaraApp(App[None]):
         done = [e for e in self.exchanges if e.message is not None]
         return done[-1] if done else None
 
+    # --- feedback on a reply: alternatives, edits, ratings -------------------------------
+
+    def reply_to_act_on(self, doing: str) -> Exchange | None:
+        """The selected reply, if it can be acted on now (else a one-line notification)."""
+        if self.screen is not self.screen_stack[0]:
+            return None  # another screen (compare, jobs, ...) is on top
+        exchange = self.selected()
+        if exchange is None or exchange.message is None:
+            self.notify(f"no reply to {doing} yet", severity="warning", markup=False)
+            return None
+        if exchange is self.current:
+            self.notify("that reply is still streaming (Escape cancels it)",
+                        severity="warning", markup=False)
+            return None
+        return exchange
+
+    def open_panel(self) -> Any:
+        """The rating panel or reply editor already open (one at a time: what is typed in
+        it is never thrown away by opening another)."""
+        panel = self.query("RatePanel, ReplyEditor")
+        return panel.first() if panel else None
+
+    def action_regenerate(self) -> None:
+        if self.current is not None:
+            self.notify("a reply is still streaming (Escape cancels it)", severity="warning",
+                        markup=False)
+            return
+        exchange = self.reply_to_act_on("regenerate")
+        if exchange is None:
+            return
+        if self.open_panel() is not None:
+            self.notify("close the open panel first (Escape)", severity="warning", markup=False)
+            return
+        original = exchange.message
+        exchange.begin_again()
+        self.current = exchange
+        self.regenerate_reply(exchange, original)
+
+    def action_alternative(self, step: int) -> None:
+        """Show the previous / next alternative of the selected reply; the one shown is the
+        one that continues the conversation."""
+        exchange = self.reply_to_act_on("browse")
+        if exchange is None:
+            return
+        group = exchange.alternatives
+        if len(group) < 2:
+            key = self.key_of("regenerate", "ctrl+n")
+            self.notify(f"this reply has no alternatives ({key} makes one)", markup=False)
+            return
+        index = min(max(exchange.position + step, 0), len(group) - 1)
+        if index == exchange.position:
+            return
+        self.show_alternative(exchange, group[index])
+        self.store_choice(exchange)
+
+    @work(thread=True, exit_on_error=False, group="feedback", description="choose a reply")
+    def store_choice(self, exchange: Exchange) -> None:
+        with self._choice_lock:  # the latest choice shown is the one stored last
+            self.session.choose(exchange.message["id"])
+
+    def action_edit_reply(self) -> None:
+        if self.screen is not self.screen_stack[0]:
+            return
+        panel = self.open_panel()
+        if isinstance(panel, ReplyEditor):
+            self.save_edit(panel, panel.exchange, panel.message_id, panel.text)
+            return
+        if panel is not None:
+            panel.focus()
+            return
+        exchange = self.reply_to_act_on("edit")
+        if exchange is None:
+            return
+        key = self.key_of("edit_reply", "f2")
+        editor = ReplyEditor(exchange, f"edit the reply: {key} saves and continues from it "
+                             "(the original is kept), Escape closes")
+        self.mount(editor, before=self.query_one("#prompt"))  # it takes the focus
+
+    @work(thread=True, exit_on_error=False, group="feedback", description="save the edit")
+    def save_edit(self, editor: ReplyEditor, exchange: Exchange, message_id: str,
+                  text: str) -> None:
+        row = self.session.edit(message_id, text)  # FeedbackError: one line, editor kept
+        self.post_message(ReplyEdited(exchange, row, self.session.alternatives(row["id"])))
+
+    def on_reply_edited(self, event: ReplyEdited) -> None:
+        for editor in self.query(ReplyEditor):
+            if editor.exchange is event.exchange:
+                editor.remove()
+        self.show_alternative(event.exchange, event.message, event.alternatives)
+        self.query_one("#prompt", Input).focus()
+
+    def action_rate_reply(self) -> None:
+        if self.screen is not self.screen_stack[0]:
+            return
+        panel = self.open_panel()
+        if panel is not None:
+            (panel if isinstance(panel, RatePanel) else panel.area).focus()
+            return
+        exchange = self.reply_to_act_on("rate")
+        if exchange is None:
+            return
+        keys = (f"{self.key_of('thumbs_up', 'u')} 👍 / "
+                f"{self.key_of('thumbs_down', 'd')} 👎")
+        panel = RatePanel(exchange, self.rate_criteria, keys)
+        self.mount(panel, before=self.query_one("#prompt"))
+        panel.focus()
+
+    def on_rate_panel_saved(self, event: RatePanel.Saved) -> None:
+        if not event.labels:
+            event.panel.remove()
+            self.query_one("#prompt", Input).focus()
+            return
+        self.save_labels(event.panel, event.labels)
+
+    @work(thread=True, exit_on_error=False, group="feedback", description="save the rating")
+    def save_labels(self, panel: RatePanel, labels: dict[str, int]) -> None:
+        from pipelines.feedback import record_label
+
+        for criterion, score in labels.items():  # FeedbackError: one line, panel kept
+            record_label(self.session.store, panel.message_id, criterion, score)
+        self.post_message(ReplyRated(panel, labels))
+
+    def on_reply_rated(self, event: ReplyRated) -> None:
+        panel = event.panel
+        exchange = panel.exchange
+        if exchange.message is not None and exchange.message["id"] == panel.message_id:
+            exchange.badges.set_labels(event.labels)
+        else:  # browsed to another alternative meanwhile
+            exchange.keep_labels(panel.message_id, event.labels)
+        panel.remove()
+        self.query_one("#prompt", Input).focus()
+
+    def action_blind_compare(self) -> None:
+        from console.blind import BlindScreen, blind_pair
+        from pipelines.chat import ChatSession
+        from pipelines.inference.base import BackendError
+
+        if self.screen is not self.screen_stack[0]:
+            return
+        s = self.session
+        try:
+            home = self.workspace.settings.home_path() if self.workspace is not None else None
+            combos = blind_pair(self.variants or {s.variant.name: s.variant}, s.variant,
+                                s.retriever is not None, self.compare_spec, home=home)
+        except BackendError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        session = ChatSession(store=s.store, persona=s.persona, variant=s.variant,
+                              backend=self.backends.get(s.variant.name), retriever=s.retriever,
+                              kind="compare")
+        self.push_screen(BlindScreen(session, combos, backends=self.backends,
+                                     loader=self.backend_loader, judge=self.judge,
+                                     keys={k: self.key_of(k, d) for k, d in (
+                                         ("vote_a", "a"), ("vote_b", "b"), ("vote_tie", "t"))}))
+
     def action_copy_reply(self) -> None:
         exchange = self.selected()
         if exchange is None:
@@ -523,6 +807,11 @@ class KyaraApp(App[None]):
                 text.append(f"\n{name}: {verdict.status} {verdict.score}\n", style="bold")
                 text.append_text(plain(verdict.reasoning or verdict.raw_text or ""))
                 text.append("\n")
+            if exchange.badges.labels:
+                text.append("\nyour rating\n", style="bold")
+                for name, score in exchange.badges.labels.items():
+                    shown = {1: "down", 2: "up"}.get(score) if name == "thumbs" else score
+                    text.append(f"{name}: {shown}\n")
         self.query_one("#side-text", Static).update(text)
 
     def on_descendant_focus(self, event: Any) -> None:
@@ -550,7 +839,20 @@ def build_app(workspace: Any, persona: Any, variant: Any, resume: str | None = N
     return KyaraApp(session, variants=variants, backend_loader=lambda v: spawn_backend(v, home),
                     judge=judge, judge_note=note, keymap=workspace.settings.keymap.model_dump(),
                     compare_spec=workspace.settings.compare, workspace=workspace,
-                    config_problems=workspace.problems())
+                    config_problems=workspace.problems(),
+                    rate_criteria=configured_criteria(workspace))
+
+
+def configured_criteria(workspace: Any) -> list[str]:
+    """The default judge's criteria, to rate replies on even when that judge is not
+    reachable (no key): your labels then feed its calibration."""
+    from pipelines.config import ConfigError
+
+    name = workspace.settings.default_judge
+    try:
+        return list(workspace.judge(name).criteria) if name else []
+    except ConfigError:  # a bad judge file is named elsewhere; rate thumbs only then
+        return []
 
 
 def make_judge(workspace: Any, session: Any) -> tuple[Any, str | None]:

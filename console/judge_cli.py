@@ -2,7 +2,8 @@
 labels. Registered in console/cli.py with `app.add_typer(judge_app, name="judge")`.
 
     kyara judge DATA.jsonl --criteria personality,style [--judge NAME] [--persona P] [-o OUT]
-    kyara judge calibrate [--persona ayane] [--judge NAME] [--criterion personality]
+    kyara judge calibrate [--persona ayane] [--judge NAME] [--criterion personality|a,b|all]
+                          [--no-store]
 
 `kyara judge DATA.jsonl` is short for `kyara judge score DATA.jsonl`. Progress goes to
 stderr, tables to stdout. Judge reasoning and file contents are untrusted text: they are
@@ -159,30 +160,57 @@ def calibrate_command(
     persona: Optional[str] = typer.Option(None, "--persona", "-p", help="persona name"),
     judge: Optional[str] = typer.Option(None, "--judge", "-j", help="configs/judges/<name>.yaml"),
     criterion: str = typer.Option("personality", "--criterion", "-c",
-                                  help="the criterion the rows are labelled for"),
+                                  help="the criterion the rows are labelled for; several "
+                                       "comma-separated, or all (every labelled one)"),
+    use_store: bool = typer.Option(True, "--store/--no-store",
+                                   help="also the labels given in the console (the store)"),
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
-    """Agreement of the judge with the persona's human labels.
+    """Agreement of the judge with the human labels: the persona's calibration.jsonl and
+    the labels stored from the console, per criterion.
 
-    Scores the calibration rows (anchors drawn from the other rows), prints Spearman's
-    rho, exact and within-one accuracy, MAE and a confusion table, and saves them for the
-    console to show."""
+    Scores the labelled rows (anchors drawn from the other file rows), prints how many
+    came from the file and from the store, Spearman's rho, exact and within-one accuracy,
+    MAE and a confusion table, and saves them for the console to show."""
     from pipelines.judge import Judge, calibrate, save_calibration
-    from pipelines.judge.calibrate import calibration_rows
+    from pipelines.judge.calibrate import calibration_rows, labelled_criteria, stored_labels
     from pipelines.workspace import Workspace
 
     try:
         ws = Workspace.load(configs)
-        j = Judge.open(ws, judge, persona, criteria=[criterion])
-        rows = calibration_rows(j.data.calibration, criterion)
-        progress = _progress(len(rows), f"calibrate {j.name} · {criterion}")
+        wanted = [c.strip() for c in criterion.split(",") if c.strip()]
+        if wanted == ["all"]:
+            j = Judge.open(ws, judge, persona)
+            wanted = labelled_criteria(j, use_store)
+            if not wanted:
+                fail(f"judge {j.name}: no criterion has labels (calibration.jsonl or the "
+                     "store)")
+        else:
+            j = Judge.open(ws, judge, persona, criteria=wanted)
+        counts = {name: len(calibration_rows(j.data.calibration, name)) + (
+            len(stored_labels(j.store, j.persona.id, name)) if use_store else 0)
+            for name in wanted}
+        progress = _progress(sum(counts.values()), f"calibrate {j.name} · {', '.join(wanted)}")
         task_id = progress.task_ids[0]
+
+        async def every() -> list[Any]:
+            made = []
+            for name in wanted:
+                report, _ = await calibrate(j, name, use_store=use_store,
+                                            on_verdict=lambda *_: progress.advance(task_id))
+                made.append(report)
+                if j.fatal is not None:
+                    break
+            return made
+
         with progress:
-            report, pairs = _run(j, calibrate(j, criterion, on_verdict=lambda *_: progress.advance(task_id)))
-        path = save_calibration(ws.settings.home_path(), report)
+            reports = _run(j, every())
+        for report in reports:
+            path = save_calibration(ws.settings.home_path(), report)
     except _user_errors() as exc:
         fail(str(exc))
-    _print_calibration(report)
+    for report in reports:
+        _print_calibration(report)
     err.print(f"saved to {escape(str(path))}", soft_wrap=True)
     if j.fatal is not None:
         fail(str(j.fatal))
@@ -203,6 +231,10 @@ def _print_calibration(report: Any) -> None:
     figures.add_column("figure")
     figures.add_column("value", justify="right")
     figures.add_row("rows", f"{a.n} ({a.scored} scored, {a.invalid} invalid, {a.failed} failed)")
+    sources = getattr(report, "sources", None) or {}
+    if sources:
+        figures.add_row("labels", f"{sources.get('file', 0)} from calibration.jsonl, "
+                                  f"{sources.get('store', 0)} from the store")
     figures.add_row("Spearman ρ", num(a.spearman) + (f"  (p={a.spearman_p:.2g})"
                                                       if a.spearman_p is not None else ""))
     figures.add_row("Spearman ρ, weighted", num(a.spearman_weighted))

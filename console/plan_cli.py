@@ -15,7 +15,8 @@ from console.common import ConfigsOption, fail, out
 
 
 def plan(
-    job_file: Path = typer.Argument(..., help="a job YAML (merge, evolve, train or eval)"),
+    job_file: Path = typer.Argument(
+        ..., help="a job YAML (merge, evolve, train, prefer or eval)"),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU budget, e.g. 24GiB"),
     ram: Optional[str] = typer.Option(None, "--ram", help="host RAM budget, e.g. 64GiB"),
     configs: Optional[Path] = ConfigsOption,
@@ -27,7 +28,8 @@ def plan(
 
     try:
         cfg = load_job(job_file)
-        workspace = Workspace.load(configs) if cfg.job in ("train", "eval", "evolve") else None
+        needs_workspace = cfg.job in ("train", "prefer", "eval", "evolve")
+        workspace = Workspace.load(configs) if needs_workspace else None
         plans = plan_job(cfg, workspace, detect_budget(gpu_mem, ram))
     except ConfigError as exc:
         fail(str(exc))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,10 +60,19 @@ class ChatSession:
     _seq: int = 0
     _started: bool = False
     _rows: list[dict[str, Any]] | None = None  # this session's messages, as written
+    # what goes into every reply row's options_json besides the options (a blind
+    # comparison records its seed and sides there)
+    tags: dict[str, Any] | None = None
+    # replies that are not the chosen one of their group (alternatives, edited originals);
+    # None: read from the store when next needed
+    _hidden: set[str] | None = None
+    _alternative_of: dict[str, Any] | None = None  # the reply being regenerated, if any
+    _feedback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self._started:
             self._rows = []  # a new session: nothing to read back
+            self._hidden = set()  # and no alternatives
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -71,7 +82,8 @@ class ChatSession:
         if row is None:
             raise BackendError(f"no session {session_id} in the store at {store.path}")
         session = cls(store=store, session_id=session_id, **kwargs)
-        session._started, session._rows = True, None  # read the history from the store
+        # read the history (and which replies were chosen) from the store
+        session._started, session._rows, session._hidden = True, None, None
         session._seq = max((m["seq"] for m in session.messages()), default=-1) + 1
         return session
 
@@ -91,8 +103,69 @@ class ChatSession:
         kept in memory as they are written, so a turn does not re-read its history."""
         if self._rows is None:
             rows = self.store.rows("messages", where=f"session_id = {quote(self.session_id)}")
-            self._rows = sorted(rows, key=lambda r: r["seq"])
+            # an alternative or an edit shares its original's seq: oldest first
+            self._rows = sorted(rows, key=lambda r: (r["seq"], r["created_at"]))
         return list(self._rows)
+
+    def hidden_replies(self) -> set[str]:
+        """Replies that are not the chosen one of their group: neither sent to the model
+        nor shown in the transcript."""
+        with self._feedback_lock:
+            if self._hidden is None:
+                from pipelines.feedback import visible_reply_ids
+
+                visible = visible_reply_ids(self.store, self.session_id)
+                self._hidden = {r["id"] for r in self.messages()
+                                if r["role"] == "assistant" and r["id"] not in visible}
+            return set(self._hidden)
+
+    def visible_messages(self) -> list[dict[str, Any]]:
+        """The conversation as it continues: each user turn and its chosen reply."""
+        hidden = self.hidden_replies() if self.kind != "compare" else set()
+        return [r for r in self.messages() if r["id"] not in hidden]
+
+    def _feedback_changed(self, row: dict[str, Any] | None = None) -> None:
+        with self._feedback_lock:
+            if row is not None and self._rows is not None and all(
+                    r["id"] != row["id"] for r in self._rows):
+                self._rows.append(row)
+                self._rows.sort(key=lambda r: (r["seq"], r["created_at"]))
+            self._hidden = None
+
+    def alternatives(self, message_id: str) -> list[dict[str, Any]]:
+        """The reply's group (the original, its regenerations and edits), position order;
+        a reply never regenerated is a group of one."""
+        from pipelines.feedback import alternatives
+
+        rows = alternatives(self.store, message_id)
+        if rows:
+            return rows
+        own = next((r for r in self.messages() if r["id"] == message_id), None)
+        return [own] if own is not None else []
+
+    def choose(self, message_id: str) -> None:
+        """This alternative continues the conversation (raises FeedbackError when gone)."""
+        from pipelines.feedback import choose_alternative
+
+        choose_alternative(self.store, message_id)
+        self._feedback_changed()
+
+    def edit(self, message_id: str, text: str) -> dict[str, Any]:
+        """Store an edit of a reply (the original is kept); the edited text continues the
+        conversation. Returns the new message row."""
+        from pipelines.feedback import record_edit
+
+        row = record_edit(self.store, message_id, text)
+        self._feedback_changed(row)
+        return row
+
+    def sampling_options(self) -> GenerationOptions:
+        """Options for a regenerated reply: sampling at the variant's temperature (the
+        default one when the variant is greedy), a new seed each time."""
+        gen = self.variant.generation
+        temperature = gen.temperature or type(gen)().temperature
+        return GenerationOptions.from_config(gen, temperature=temperature,
+                                             seed=random.randrange(2**31))
 
     def _touch_session(self) -> None:
         """updated_at moves after each reply (off the path to the first token)."""
@@ -100,12 +173,16 @@ class ChatSession:
         if row is not None:
             self.store.upsert("sessions", [row])  # the store sets updated_at on write
 
-    def history(self) -> list[dict[str, str]]:
+    def history(self, before_seq: int | None = None) -> list[dict[str, str]]:
         """Past exchanges to send with the next prompt: user turns that got a reply (complete
-        or incomplete — the user saw it), last `history_turns` pairs."""
+        or incomplete — the user saw it), last `history_turns` pairs. Only the chosen reply
+        of each turn goes (a chosen alternative, an edited text). `before_seq`: the turns
+        before that one (a regenerated reply sees what the original saw)."""
         pairs: list[tuple[dict, dict]] = []
         pending: dict | None = None
-        for row in self.messages():
+        for row in self.visible_messages():
+            if before_seq is not None and row["seq"] >= before_seq:
+                break
             if row["role"] == "user":
                 pending = row
             elif row["role"] == "assistant" and pending is not None:
@@ -126,14 +203,26 @@ class ChatSession:
         return self.backend
 
     def _write(self, row: dict[str, Any]) -> dict[str, Any]:
-        full = {"id": new_id(), "session_id": self.session_id, "seq": self._seq,
+        original = self._alternative_of if row["role"] == "assistant" else None
+        full = {"id": new_id(), "session_id": self.session_id,
+                "seq": original["seq"] if original else self._seq,
                 "created_at": utcnow(), "rag": self.rag, "variant": self.variant.name,
                 "adapter": getattr(self.variant, "adapter", None) or getattr(
                     self.variant, "lora_path", None), **row}
         self.store.upsert("messages", [full])
         if self._rows is not None:
             self._rows.append(full)
-        self._seq += 1
+            if original is not None:  # next to its original, not at the end
+                self._rows.sort(key=lambda r: (r["seq"], r["created_at"]))
+        if original is None:
+            self._seq += 1
+        elif full["status"] != "error" and full["content"]:
+            # a regenerated reply the user saw joins its original's group as the chosen one;
+            # a failed or empty one stays out of the conversation
+            from pipelines.feedback import add_alternative
+
+            add_alternative(self.store, original["id"], full["id"])
+            self._feedback_changed()
         if full["role"] == "assistant":
             self._touch_session()
         return full
@@ -156,6 +245,31 @@ class ChatSession:
             if new_question:
                 self._write({"role": "user", "content": text, "status": "complete"})
 
+        yield from self._answer(text, history, options, store_question)
+
+    def regenerate(self, message_id: str, options: GenerationOptions | None = None
+                   ) -> Iterator[Any]:
+        """Answer the question of reply `message_id` again (sampling on, a new seed, the
+        history that reply saw): the same events as send(). The new reply is stored with
+        the original's seq and becomes the chosen alternative of its group."""
+        rows = self.messages()
+        original = next((r for r in rows if r["id"] == message_id
+                         and r["role"] == "assistant"), None)
+        question = None if original is None else next(
+            (r for r in reversed(rows) if r["role"] == "user" and r["seq"] < original["seq"]),
+            None)
+        if original is None or question is None:
+            raise BackendError("that reply is no longer in this session")
+        history = [] if self.kind == "compare" else self.history(before_seq=question["seq"])
+        self._alternative_of = original
+        try:
+            yield from self._answer(question["content"], history,
+                                    options or self.sampling_options(), lambda: None)
+        finally:
+            self._alternative_of = None
+
+    def _answer(self, text: str, history: list[dict[str, str]], options: GenerationOptions,
+                store_question: Callable[[], None]) -> Iterator[Any]:
         hits: list[Any] | None = None
         context: str | None = None
         retrieval_ms: float | None = None
@@ -223,7 +337,8 @@ class ChatSession:
                    hits: Sequence[Any] | None, rendered: str | None, final: Delta | None,
                    stop_reason: str | None, retrieval_ms: float | None,
                    error: str | None = None) -> dict[str, Any]:
-        extra = {"options": options.as_dict(), "backend": self.variant.backend}
+        extra = {"options": options.as_dict(), "backend": self.variant.backend,
+                 **(self.tags or {})}
         if retrieval_ms is not None:
             extra["retrieval_ms"] = round(retrieval_ms, 3)
         if final is not None and final.stop_token:

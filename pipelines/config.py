@@ -187,6 +187,18 @@ class Keymap(Strict):
     export: str = "ctrl+o"
     toggle_side: str = "ctrl+s"
     quit: str = "ctrl+q"
+    # feedback on the selected reply (issue 16)
+    regenerate: str = "ctrl+n"
+    prev_alternative: str = "left"  # on a selected reply (Tab / shift+Tab / click)
+    next_alternative: str = "right"
+    edit_reply: str = "f2"  # opens the editor; pressed again, saves
+    rate_reply: str = "ctrl+l"
+    thumbs_up: str = "u"  # in the rating panel
+    thumbs_down: str = "d"
+    blind_compare: str = "ctrl+b"
+    vote_a: str = "a"  # on the blind A/B screen, once both replies are in
+    vote_b: str = "b"
+    vote_tie: str = "t"
 
 
 class AppSettings(Strict):
@@ -267,6 +279,11 @@ class KnowledgeFact(Strict):
     id: str = Field(min_length=1)
     topic: str = Field(min_length=1)
     text: str = Field(min_length=1)
+    # Questions this fact answers, in a user's words: indexed with it so that a question
+    # worded unlike the fact still finds it (retrieval's word index and vectors).
+    asks: list[str] | None = None
+
+    _asks_not_blank = field_validator("asks")(lambda v: v if v is None else _no_blank_items(v))
 
 
 class ChatMessage(Strict):
@@ -548,6 +565,81 @@ class TrainJob(Strict):
     judge: str | None = Field(None, description="a judge for the mini-evaluation, if reachable")
 
 
+class PairSettings(Strict):
+    """Preference pairs made without a human: N sampled replies per training prompt from the
+    variant being trained, scored with the persona's style checks; best vs worst kept when
+    the scores differ by at least `margin`."""
+
+    samples: int = Field(4, ge=2, description="replies sampled per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (> 0)")
+    max_new_tokens: int = Field(48, gt=0)
+    margin: float = Field(0.15, ge=0, le=1, description="least style-score gap (0..1) between "
+                          "the best and the worst reply for the pair to be kept")
+    prompts: str | None = Field(None, description="JSON Lines of {id, question} or {messages} "
+                                "(the user turns); default: the user turns of the persona's "
+                                "dialogues.jsonl")
+    limit: int | None = Field(None, ge=1, description="the first N prompts only")
+    batch_size: int = Field(8, ge=1, description="sequences per generate call")
+    judge: str | None = Field(None, description="also score every sample with this judge "
+                              "(verdicts cached in the store: a rerun asks nothing twice)")
+    criteria: list[str] = Field(default_factory=lambda: ["personality"], min_length=1,
+                                description="the judge's criteria, averaged")
+    judge_weight: float = Field(0.5, ge=0, le=1, description="share of the judge's score "
+                                "(1..7 mapped to 0..1) in a sample's score; the rest is style")
+
+
+class PreferJob(Strict):
+    """Preference training (DPO / KTO / ORPO through TRL) of an hf variant, as a new LoRA
+    adapter: a fresh one on a plain base, or a copy of the variant's (or `adapter:`'s) SFT
+    adapter trained further. Data: a preference file in TRL's conversational format, or
+    pairs made by sampling and style-scoring (`pairs:`)."""
+
+    job: Literal["prefer"]
+    name: str
+    persona: str = "ayane"
+    base: str = Field(description="model variant name (hf backend); its adapter, if it has "
+                                  "one, is where training starts")
+    adapter: str | None = Field(None, description="a PEFT adapter folder to start from "
+                                "instead of the variant's own (never written to)")
+    method: Literal["dpo", "kto", "orpo"] = "dpo"
+    data: str | None = Field(None, description="a preference file (JSON Lines): dpo / orpo "
+                             "prompt, chosen, rejected; kto prompt, completion, label (or "
+                             "pairs, unpaired)")
+    pairs: PairSettings | None = Field(None, description="make the pairs by sampling instead")
+    output: str | None = None
+    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
+                                description="name of the trained variant; default: the job name")
+    dequantize_from: str | None = Field(None, description="as the train job's")
+    lora: LoraSettings = LoraSettings()
+    qlora: bool = False
+    beta: float = Field(0.1, gt=0, description="DPO / KTO: strength of the reference; "
+                        "ORPO: weight of the odds-ratio term")
+    epochs: float = Field(1, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(4, gt=0, description="pairs (kto: examples) per step")
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    save_steps: int = Field(20, gt=0)
+    seed: int = 0
+    system_prompt: bool = True
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(5, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    check_memory: bool = True
+    eval_questions: int | None = Field(None, ge=0)
+    eval_max_new_tokens: int = Field(48, gt=0)
+    judge: str | None = Field(None, description="a judge for the before / after evaluation")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PreferJob:
+        if (self.data is None) == (self.pairs is None):
+            raise ValueError("set exactly one of 'data' (a preference file) and 'pairs' "
+                             "(sample and style-rank replies)")
+        return self
+
+
 class CurateJob(Strict):
     job: Literal["curate"]
     name: str
@@ -718,10 +810,11 @@ class IndexJob(Strict):
     rebuild: bool = False
 
 
-Job = Union[TrainJob, CurateJob, MergeJob, EvolveJob, ExportJob, EvalJob, IndexJob]
+Job = Union[TrainJob, PreferJob, CurateJob, MergeJob, EvolveJob, ExportJob, EvalJob, IndexJob]
 JOB_KINDS: dict[str, type[BaseModel]] = {
     "train": TrainJob,
     "curate": CurateJob,
+    "prefer": PreferJob,
     "merge": MergeJob,
     "evolve": EvolveJob,
     "export": ExportJob,

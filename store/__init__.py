@@ -1,5 +1,6 @@
 """kyara's persistence layer: a LanceDB store of sessions, messages, judgments, runs,
-variants and knowledge. Knows nothing of models or screens.
+variants, knowledge and (schema version 2) the human feedback: labels, preferences,
+alternatives and edits. Knows nothing of models or screens.
 
     from store import Store, new_id, quote
     store = Store.open(path)            # the caller resolves path; default $KYARA_HOME/store

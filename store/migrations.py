@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from lancedb.db import DBConnection
 
-from store.schemas import TABLES_V1
+from store.schemas import TABLES_V1, TABLES_V2
 
 Migration = Callable[[DBConnection], None]
 
@@ -27,8 +27,15 @@ def _v1_create_tables(db: DBConnection) -> None:
         db.create_table(name, schema=schema, exist_ok=True)
 
 
+def _v2_create_feedback_tables(db: DBConnection) -> None:
+    """Human feedback: labels, preferences, alternatives (regenerated replies) and edits."""
+    for name, schema in TABLES_V2.items():
+        db.create_table(name, schema=schema, exist_ok=True)
+
+
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_create_tables),
+    (2, _v2_create_feedback_tables),
 ]
 
 SCHEMA_VERSION: int = MIGRATIONS[-1][0]

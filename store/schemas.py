@@ -8,8 +8,8 @@ Conventions, the same in every table:
   a row reads back exactly as it was written.
 - Columns marked nullable=False must be given unless DEFAULTS has a value for them.
 
-The `*_V1` schemas are what migration 1 creates and are FROZEN: a later schema change is a
-new migration (store/migrations.py). Writes are checked against each table's live schema,
+The `*_V1` schemas are what migration 1 creates, the `*_V2` ones what migration 2 adds; all
+are FROZEN: a later schema change is a new migration (store/migrations.py). Writes are checked against each table's live schema,
 so a column added by a migration is writable without touching this file.
 """
 
@@ -121,6 +121,61 @@ TABLES_V1: dict[str, pa.Schema] = {
     "variants": VARIANTS_V1,
 }
 
+# --- version 2: human feedback (labels, preferences, alternatives, edits) ---------------
+
+LABELS_V2 = pa.schema([
+    _required("id", pa.string()),            # derived from (message, criterion, rater): one each
+    _required("message_id", pa.string()),
+    _required("criterion", pa.string()),     # a judge criterion's name, or "thumbs"
+    _required("score", pa.int64()),          # 1-7 on a criterion; thumbs: 1 = down, 2 = up
+    _required("rater", pa.string()),
+    _optional("note", pa.string()),
+    _required("created_at", TIMESTAMP),
+])
+
+PREFERENCES_V2 = pa.schema([
+    _required("id", pa.string()),
+    _optional("session_id", pa.string()),
+    _required("prompt_json", pa.string()),   # the messages up to and including the user turn
+    _optional("chosen_id", pa.string()),     # message ids; null for file-imported rows
+    _optional("rejected_id", pa.string()),
+    _required("chosen_text", pa.string()),
+    _required("rejected_text", pa.string()),
+    _required("tie", pa.bool_()),            # a tie: chosen / rejected are just the two sides
+    _required("source", pa.string()),        # see CHOICES
+    _optional("rater", pa.string()),
+    _optional("criterion", pa.string()),
+    _required("variants_json", pa.string()),  # {"chosen": variant, "rejected": variant}
+    _optional("rendered_prompt", pa.string()),
+    _required("created_at", TIMESTAMP),
+])
+
+ALTERNATIVES_V2 = pa.schema([
+    _required("id", pa.string()),
+    _required("group_id", pa.string()),      # the id of the group's first reply
+    _required("message_id", pa.string()),
+    _required("position", pa.int64()),       # 0 = the original
+    _required("chosen", pa.bool_()),         # the one that continues the conversation
+    _required("created_at", TIMESTAMP),
+])
+
+EDITS_V2 = pa.schema([
+    _required("id", pa.string()),
+    _required("message_id", pa.string()),    # the reply edited
+    _required("edited_id", pa.string()),     # the new message row holding the edited text
+    _required("original_text", pa.string()),
+    _required("edited_text", pa.string()),
+    _required("created_at", TIMESTAMP),
+])
+
+# Created by migration 2, in this order.
+TABLES_V2: dict[str, pa.Schema] = {
+    "labels": LABELS_V2,
+    "preferences": PREFERENCES_V2,
+    "alternatives": ALTERNATIVES_V2,
+    "edits": EDITS_V2,
+}
+
 KNOWLEDGE = "knowledge"
 META_TABLE = "meta"
 
@@ -141,6 +196,12 @@ def knowledge_schema(dim: int, created_ns: int = 0) -> pa.Schema:
         _required("content_hash", pa.string()),
         _required("embedder", pa.string()),
         _required("vector", pa.list_(pa.float32(), dim)),
+        # The word index (pipelines/retrieval/analysis.py): the normalised content words and
+        # synonym groups of the text and its asks, space-separated. A table without it was
+        # written by an earlier kyara: index_persona re-creates it.
+        _optional("terms", pa.string()),
+        _optional("asks", pa.list_(pa.string())),  # the questions the fact answers
+        _optional("ask_vectors", pa.list_(pa.list_(pa.float32(), dim))),  # one per ask
     ], metadata={CREATED_NS: str(created_ns).encode()})
 
 
@@ -153,7 +214,7 @@ def vector_dim(schema: pa.Schema) -> int:
 
 
 # Every table known to the store (knowledge has no fixed schema here: see knowledge_schema).
-TABLE_NAMES = (*TABLES_V1, KNOWLEDGE, META_TABLE)
+TABLE_NAMES = (*TABLES_V1, *TABLES_V2, KNOWLEDGE, META_TABLE)
 
 # Filled in when a row leaves a column out (or gives None). NOW means the write time.
 NOW = object()
@@ -163,6 +224,10 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "judgments": {"tokens": 0, "attempts": 1, "created_at": NOW},
     "runs": {"created_at": NOW},
     "variants": {"created_at": NOW},
+    "labels": {"created_at": NOW},
+    "preferences": {"tie": False, "created_at": NOW},
+    "alternatives": {"chosen": False, "created_at": NOW},
+    "edits": {"created_at": NOW},
     "knowledge": {},
     "meta": {},
 }
@@ -177,4 +242,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("messages", "role"): frozenset({"user", "assistant", "system"}),
     ("messages", "status"): frozenset({"complete", "incomplete", "error"}),
     ("judgments", "status"): frozenset({"ok", "invalid", "failed"}),
+    # human: a vote in the console or a file; judge: the eval job's pairwise verdicts;
+    # style: pairs ranked by the deterministic style checks
+    ("preferences", "source"): frozenset({"human", "judge", "style"}),
 }

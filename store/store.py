@@ -1,5 +1,6 @@
-"""Store: kyara's LanceDB database of sessions, messages, judgments, runs, variants and
-knowledge, in one directory (the caller resolves it; by default `$KYARA_HOME/store`).
+"""Store: kyara's LanceDB database of sessions, messages, judgments, runs, variants,
+knowledge and the human feedback (labels, preferences, alternatives, edits), in one
+directory (the caller resolves it; by default `$KYARA_HOME/store`).
 
 Concurrency: several processes (the console, detached jobs) may use one store at once.
 - Every write holds the store's flock (store/lock.py) for the whole lance commit, so
@@ -190,6 +191,15 @@ class Store:
             )
             self._compact_if_fragmented(tbl, table)
 
+    @contextmanager
+    def locked(self, doing: str = "write") -> Iterator[None]:
+        """Hold the cross-process write lock over several reads and writes, so a
+        read -> decide -> write step (e.g. choosing among a reply's alternatives) cannot
+        interleave with another process's writes. Upserts and deletes inside re-enter it;
+        `doing` names the work in the message when the lock cannot be had."""
+        with self._writing(doing):
+            yield
+
     def delete(self, table: str, ids: Iterable[str]) -> None:
         """Delete the rows with these ids (ids not present are ignored)."""
         ids = list(ids)
@@ -233,6 +243,14 @@ class Store:
             return None
         tbl = self._table(KNOWLEDGE)
         return vector_dim(self._call(lambda: tbl.schema, "read the knowledge table"))
+
+    def knowledge_columns(self) -> list[str] | None:
+        """The knowledge table's column names, or None while it does not exist: a table
+        written by an earlier kyara lacks the newer ones (see knowledge_schema)."""
+        tbl = self._knowledge_or_none()
+        if tbl is None:
+            return None
+        return list(self._call(lambda: tbl.schema, "read the knowledge table").names)
 
     def knowledge_table(self, dim: int) -> None:
         """Make sure the knowledge table exists with `dim`-wide vectors.

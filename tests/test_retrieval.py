@@ -35,7 +35,8 @@ def test_japanese_full_text_finds_substrings(indexed):
 def test_hybrid_search_ranks_the_needed_fact_first(indexed):
     hits = Retriever(indexed, "ayane", get_embedder()).search("飼っている犬の名前は？")
     assert hits[0].fact_id == "k027" and "レオ" in hits[0].text
-    assert hits[0].text_rank is not None and hits[0].vector_rank is not None
+    assert hits[0].word_rank is not None and hits[0].vector_rank is not None
+    assert hits[0].text_rank is None  # n-grams only where the word index has no word
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
@@ -149,7 +150,7 @@ def test_a_persona_alone_is_searched_unfiltered_and_others_never_leak(tmp_path, 
         return real(query, limit, where)
 
     monkeypatch.setattr(store, "knowledge_text_hits", spy)
-    retriever = Retriever(store, "b", embedder)
+    retriever = Retriever(store, "b", embedder, ngrams=True)  # n-grams always searched
     retriever.search("猫の名前")  # first search: the filter is on until the rows are read
     filters.clear()
     assert [h.text for h in retriever.search("猫の名前")] == ["Bの猫はタマである。"]

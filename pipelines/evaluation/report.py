@@ -257,6 +257,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     out += _md_table(["combination", "questions"] + [short for _, short, _ in STYLE_CHECKS]
                      + ["median chars", "facts"], rows)
 
+    out += _md_arena(results)
+
     out += ["", "## Per question", "",
             "Every combination's reply side by side with its scores and its pairwise outcome "
             "against the reference; spread is the largest difference between the "
@@ -334,6 +336,7 @@ def html_page(results: Mapping[str, Any]) -> str:
         "<main>",
         _html_headline(results),
         _html_style_table(results),
+        _html_arena(results),
         '<section id="plots"><h2>Plots</h2>',
         *[f'<figure id="plot-{_e(key)}">{svg}<figcaption>{_e(caption)}</figcaption></figure>'
           for key, caption, svg in plots],
@@ -441,6 +444,74 @@ def _html_style_table(results: Mapping[str, Any]) -> str:
             "reply holds an expected fact.</p>"
             f'<div class="scroll"><table><thead><tr>{header}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div></section>")
+
+
+ARENA_SOURCES = (("judge", "the judge's pairwise verdicts"), ("human", "human votes (blind A/B)"))
+
+
+def _arena_rows(results: Mapping[str, Any]) -> list[tuple[str, str, list[list[str]]]]:
+    """(source, what it is, rows) for each arena that has games: variant, Bradley–Terry
+    rating [95% CI] (log-strength, mean 0), Elo-scaled, games, wins, ties."""
+    arena = results.get("arena") or {}
+    out = []
+    for source, what in ARENA_SOURCES:
+        table = arena.get(source) or {}
+        if not table.get("games"):
+            continue
+        rows = []
+        for r in table.get("ratings", []):
+            ci = (f" [{r['low']:+.2f}, {r['high']:+.2f}]"
+                  if r.get("low") is not None and r.get("high") is not None else "")
+            rows.append([str(r["player"]), f"{r['rating']:+.2f}{ci}", f"{r['elo']:.0f}",
+                         str(r["games"]), str(r["wins"]), str(r["ties"])])
+        out.append((source, f"{what}: {table['games']} games", rows))
+    return out
+
+
+def _arena_agreement(results: Mapping[str, Any]) -> str | None:
+    agree = (results.get("arena") or {}).get("agreement") or {}
+    if not agree.get("pairs"):
+        return None
+    rho = agree.get("spearman")
+    return (f"judge and humans order {agree['concordance']:.0%} of {agree['pairs']} variant "
+            f"pairs alike (Spearman ρ {'—' if rho is None else f'{rho:.2f}'}, "
+            f"{len(agree.get('players') or [])} variants both rated)")
+
+
+ARENA_HEADER = ["variant", "rating [95% CI]", "Elo", "games", "wins", "ties"]
+
+
+def _md_arena(results: Mapping[str, Any]) -> list[str]:
+    tables = _arena_rows(results)
+    if not tables:
+        return []
+    out = ["", "### Arena", "", "Bradley–Terry ratings per variant (log-strength, mean 0; "
+           "ties count half) with bootstrap 95% CIs."]
+    for _, title, rows in tables:
+        out += ["", f"**{_md(title)}**", ""]
+        out += _md_table(ARENA_HEADER, [[_md(c) for c in row] for row in rows])
+    agreement = _arena_agreement(results)
+    if agreement:
+        out += ["", _md(agreement)]
+    return out
+
+
+def _html_arena(results: Mapping[str, Any]) -> str:
+    tables = _arena_rows(results)
+    if not tables:
+        return ""
+    parts = ['<section id="arena"><h3>Arena</h3><p>Bradley–Terry ratings per variant '
+             "(log-strength, mean 0; ties count half) with bootstrap 95% CIs.</p>"]
+    header = "".join(f"<th>{_e(h)}</th>" for h in ARENA_HEADER)
+    for _, title, rows in tables:
+        body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
+                       for row in rows)
+        parts.append(f"<h4>{_e(title)}</h4><table><thead><tr>{header}</tr></thead>"
+                     f"<tbody>{body}</tbody></table>")
+    agreement = _arena_agreement(results)
+    if agreement:
+        parts.append(f"<p>{_e(agreement)}</p>")
+    return "".join(parts) + "</section>"
 
 
 def _html_questions(results: Mapping[str, Any]) -> str:

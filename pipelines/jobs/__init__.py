@@ -38,6 +38,7 @@ JOBS: dict[str, str] = {
     "index": "pipelines.jobs.index",
     "merge": "pipelines.jobs.merge",
     "train": "pipelines.jobs.train",
+    "prefer": "pipelines.jobs.prefer",
     "curate": "pipelines.jobs.curate",
     "export": "pipelines.jobs.export",
     "evolve": "pipelines.jobs.evolve",

@@ -196,7 +196,7 @@ def _ensure_index(ctx: JobContext, persona: str) -> Iterator[Event]:
     if find_retriever(ctx.store, persona, ctx.home) is not None:
         return
     from pipelines.config import IndexJob, KnowledgeFact, load_jsonl
-    from pipelines.retrieval import get_embedder, index_persona
+    from pipelines.retrieval import asks, get_embedder, index_persona
 
     path = ctx.workspace.persona_dir(persona) / "knowledge.jsonl"
     if not path.is_file():
@@ -205,7 +205,8 @@ def _ensure_index(ctx: JobContext, persona: str) -> Iterator[Event]:
     yield ev.log(f"retrieval: persona {persona} is not indexed; indexing {path.name} with "
                  f"{embedder} (once)")
     facts = load_jsonl(path, KnowledgeFact)
-    index_persona(ctx.store, persona, facts, get_embedder(embedder, ctx.home))
+    index_persona(ctx.store, persona, facts, get_embedder(embedder, ctx.home),
+                  asks=asks.cached_asks(facts, asks.cache_path(ctx.home, persona)))
 
 
 def _items(cfg: EvalJob, ctx: JobContext, data: Any) -> list[Item]:
@@ -853,8 +854,22 @@ def statistics(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[di
               for c in setup.combos]
     results = build_results(meta, combos, criteria, list(replies), list(verdicts),
                             seed=cfg.seed)
+    results["arena"] = _arena(ctx, setup, cfg.seed)
     write_results(results, setup.out)
     return results
+
+
+def _arena(ctx: JobContext, setup: Setup, seed: int) -> dict[str, Any]:
+    """Bradley–Terry ratings of the variants from this run's pairwise verdicts (the judge)
+    and from every human vote in the store (blind A/B), and how alike they order them."""
+    from dataclasses import asdict
+
+    from pipelines.evaluation.arena import agreement, arena
+
+    judge_ = arena(ctx.store, "judge", eval_dirs=[setup.out], seed=seed)
+    human = arena(ctx.store, "human", seed=seed)
+    return {"judge": judge_.to_dict(), "human": human.to_dict(),
+            "agreement": asdict(agreement(judge_, human))}
 
 
 def report(ctx: JobContext, setup: Setup, results: dict[str, Any]

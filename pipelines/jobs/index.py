@@ -41,7 +41,11 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.stage("index", "embedding new and changed facts, removing stale ones")
     # index_persona embeds in one batch, so progress can only say "begun" and "finished".
     yield ev.progress(0, len(facts), "facts", stage="index")
-    report = index_persona(ctx.store, persona.id, facts, embedder, rebuild=cfg.rebuild)
+    from pipelines.retrieval import asks
+
+    generated = asks.cached_asks(facts, asks.cache_path(ctx.home, persona.id))  # kyara index --generate-asks
+    report = index_persona(ctx.store, persona.id, facts, embedder, rebuild=cfg.rebuild,
+                           asks=generated)
     yield ev.progress(len(facts), len(facts), "facts", stage="index")
 
     yield ev.metric("facts_indexed", report.added + report.updated, stage="index")

@@ -467,7 +467,7 @@ def plan_train(cfg: Any, model_dir: str, base_dir: Path | None = None,
     m = inspect_model(model_dir, base_dir)
     shape = ModelShape.from_stats(m)
     cuda = device == "cuda"
-    plan = Plan(job="train", device=device, margin=memory.MARGIN)
+    plan = Plan(job=getattr(cfg, "job", "train"), device=device, margin=memory.MARGIN)
     if workspace is not None:
         sizes = memory.sizes_from_files(cfg, workspace, m.path)
         plan.notes.append(f"from the data: longest example {sizes.seq_len} tokens, at most "
@@ -475,6 +475,10 @@ def plan_train(cfg: Any, model_dir: str, base_dir: Path | None = None,
     else:
         sizes = memory.DataSizes.bound(cfg)
         plan.notes.append(f"without the data: every example {sizes.seq_len} tokens long")
+    if plan.job == "prefer":
+        plan.notes.append(f"{cfg.method}: two sequences per row in every batch"
+                          + ("; the reference is a frozen copy of the adapter"
+                             if cfg.method in ("dpo", "kto") else ""))
     est = memory.train_estimate(cfg, shape, sizes, cuda=cuda)
     one = memory.train_estimate(cfg, shape, sizes, cuda=cuda, batch=1)
     four_bit = memory.train_estimate(cfg, shape, sizes, cuda=cuda, qlora=True)
@@ -535,9 +539,10 @@ def plan_job(cfg: Any, workspace: Any = None, budget: Budget | None = None) -> l
         plans = [plan_merge(cfg.merge, cfg.options, base_dir)]
     elif kind == "evolve":
         plans = [plan_evolve(cfg, base_dir)]
-    elif kind == "train":
+    elif kind in ("train", "prefer"):
         if workspace is None:
-            raise ConfigError("base: a train job names a variant; the planner needs the workspace")
+            raise ConfigError(f"base: a {kind} job names a variant; the planner needs the "
+                              "workspace")
         variant = workspace.variant(cfg.base)
         plans = [plan_train(cfg, getattr(variant, "model", ""), base_dir,
                             device="cuda" if cuda else "cpu", workspace=workspace)]
@@ -555,7 +560,8 @@ def plan_job(cfg: Any, workspace: Any = None, budget: Budget | None = None) -> l
                                        dtype=v.dtype, load_in_4bit=v.load_in_4bit,
                                        base_dir=base_dir))
     else:
-        raise ConfigError(f"job: the planner knows merge, evolve, train and eval; found {kind!r}")
+        raise ConfigError(f"job: the planner knows merge, evolve, train, prefer and eval; "
+                          f"found {kind!r}")
     for plan in plans:
         plan.budget = budget
     return plans

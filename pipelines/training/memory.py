@@ -186,7 +186,10 @@ def data_sizes(examples: Sequence[Any], max_seq_len: int) -> DataSizes:
 def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
     """The train job's data steps with the tokenizer only (no model loaded): its
     conversations, prepared as the job prepares them, with the persona's system prompt,
-    tokenised with the base model's chat template and truncated to max_seq_len."""
+    tokenised with the base model's chat template and truncated to max_seq_len. A prefer
+    job: its preference file (or its pairs' bound), pipelines.training.preference."""
+    if getattr(cfg, "job", "train") == "prefer":
+        return prefer_sizes(cfg, workspace, model_dir)
     from transformers import AutoConfig, AutoTokenizer
 
     from pipelines.config import ConfigError
@@ -214,11 +217,58 @@ def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSiz
     return data_sizes(examples, cfg.max_seq_len)
 
 
+def prefer_sizes(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
+    """What `kyara plan` reads for a prefer job (memory.sizes_from_files): the preference
+    file tokenised as the job tokenises it; with `pairs:`, the bound the samples can reach
+    (the longest prompt + max_new_tokens + the terminator)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipelines.config import ConfigError
+    from pipelines.training.examples import chat_template_for, terminator
+    from pipelines.training.pairs import read_prompts
+    from pipelines.training.preference import encode, read_preferences
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{model_dir}: cannot load the tokenizer: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
+    template = chat_template_for(tokenizer, model_type)
+    end_text, _ = terminator(tokenizer, template)
+    system = workspace.persona(cfg.persona).prompts.system if cfg.system_prompt else None
+    if cfg.data:
+        rows = read_preferences(cfg.data, cfg.method)
+        encoded = encode(rows, cfg.method, tokenizer, template, system, cfg.max_seq_len,
+                         end_text)
+        return data_sizes(encoded.sequences, cfg.max_seq_len)
+    return pairs_sizes(cfg, tokenizer, template, end_text, system,
+                       read_prompts(workspace, cfg))
+
+
+def pairs_sizes(cfg: Any, tokenizer: Any, template: str, end_text: str, system: str | None,
+                prompts: Sequence[dict[str, Any]]) -> DataSizes:
+    """A prefer job with `pairs:` before anything is sampled (the job and `kyara plan`):
+    the longest prompt plus the longest sample (max_new_tokens), its terminator and the
+    template's newline."""
+    from pipelines.training.preference import encode_reply
+
+    filler = {"role": "assistant", "content": "。"}
+    longest = max(encode_reply(tokenizer, template, p["prompt"], filler, system, None,
+                               end_text).prompt_tokens for p in prompts)
+    trained = cfg.pairs.max_new_tokens + 2
+    return DataSizes(min(cfg.max_seq_len, longest + trained), trained)
+
+
 def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
                    batch: int | None = None, seq_len: int | None = None,
                    qlora: bool | None = None) -> Estimate:
     """The estimate of a train job (TrainJob); batch / seq_len / qlora: the same run with
-    that one setting changed (what `suggestion` and the planner's remedies try)."""
+    that one setting changed (what `suggestion` and the planner's remedies try). A prefer
+    job (PreferJob) is estimated by `prefer_estimate`."""
+    if getattr(cfg, "job", "train") == "prefer":
+        return prefer_estimate(cfg, shape, sizes, cuda=cuda, batch=batch, seq_len=seq_len,
+                               qlora=qlora)
     batch = cfg.batch_size if batch is None else batch
     seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
     return estimate(shape, batch=batch, seq_len=seq, r=cfg.lora.r,
@@ -226,6 +276,27 @@ def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
                     qlora=cfg.qlora if qlora is None else qlora,
                     trained_tokens=min(sizes.trained_per_example, seq) * batch, cuda=cuda,
                     target_modules=cfg.lora.target_modules)
+
+
+def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
+                    batch: int | None = None, seq_len: int | None = None,
+                    qlora: bool | None = None) -> Estimate:
+    """A prefer job (PreferJob): every step runs two sequences per row (DPO and ORPO: the
+    chosen and the rejected reply, concatenated into one batch; KTO: the completion and its
+    KL completion), so the train estimate at twice the batch; DPO and KTO add their
+    reference: a frozen fp32 copy of the adapter and the reference pass's logits for the
+    same positions (computed without gradients: one copy)."""
+    rows = cfg.batch_size if batch is None else batch
+    seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
+    sequences = 2 * rows
+    trained = min(sizes.trained_per_example, seq) * sequences
+    est = estimate(shape, batch=sequences, seq_len=seq, r=cfg.lora.r,
+                   dtype_bytes=2 if cuda else 4, qlora=cfg.qlora if qlora is None else qlora,
+                   trained_tokens=trained, cuda=cuda, target_modules=cfg.lora.target_modules)
+    if cfg.method in ("dpo", "kto"):
+        est.adapter += est.lora_params * 4
+        est.logits += trained * shape.vocab * 4
+    return est
 
 
 @dataclass

@@ -131,6 +131,13 @@ def test_the_table_carries_the_judged_figures(env, server):
     assert len(asked) == 42 and len(set(asked)) == 42
     assert final.summary["judge_requests"] == 42
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    # the arena: Bradley–Terry from this run's pairwise outcomes (6 wins of ayane-s)
+    judged = results["arena"]["judge"]
+    assert judged["games"] == 6 and [r["player"] for r in judged["ratings"]] == [
+        "ayane-s", "base-s"]
+    assert judged["ratings"][0]["wins"] == 6 and results["arena"]["human"]["games"] == 0
+    report_md = (out / "report.md").read_text(encoding="utf-8")
+    assert "### Arena" in report_md and "the judge's pairwise verdicts: 6 games" in report_md
     # the replies are in the store too, as eval sessions (not in the chat history)
     sessions = ctx.store.rows("sessions", where="kind = 'eval'")
     assert sorted(s["title"] for s in sessions) == [

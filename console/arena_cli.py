@@ -1,0 +1,91 @@
+"""`kyara arena [--source human|judge]`: Bradley–Terry ratings per variant with 95%
+bootstrap intervals, from the human votes and from the eval job's pairwise verdicts, and
+how far the two agree. Registered in console/cli.py like `kyara report`.
+
+Variant names are untrusted text: shown as Text, never parsed as markup. The fitting is in
+pipelines/evaluation/arena.py (numpy, scipy; no torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from console.common import ConfigsOption, err, fail, out, user_errors
+
+
+def arena_table(board: Any) -> Table:
+    """One arena as a table: rank, variant, rating [95% CI], Elo, games, W/T/L."""
+    title = {"human": "human votes", "judge": "judge's pairwise verdicts"}.get(
+        board.source, board.source)
+    table = Table(title=Text(f"arena · {title} · {board.games} games"
+                             + (f", {board.samples} bootstrap samples" if board.samples else "")),
+                  header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("variant")
+    table.add_column("rating [95% CI]", justify="right")
+    table.add_column("Elo", justify="right")
+    table.add_column("games", justify="right")
+    table.add_column("W/T/L", justify="right")
+    for rank, r in enumerate(board.ratings, start=1):
+        ci = f" [{r.low:+.2f}, {r.high:+.2f}]" if r.low is not None else ""
+        losses = r.games - r.wins - r.ties
+        table.add_row(str(rank), Text(r.player), f"{r.rating:+.2f}{ci}", f"{r.elo:.0f}",
+                      str(r.games), f"{r.wins}/{r.ties}/{losses}")
+    return table
+
+
+def agreement_text(a: Any) -> Text:
+    if len(a.players) < 2:
+        return Text(f"agreement: needs 2 variants rated by both, found {len(a.players)}")
+    rho = f"{a.spearman:+.2f}" if a.spearman is not None else "n/a"
+    return Text(f"agreement over {len(a.players)} variants: Spearman ρ {rho}; "
+                f"{a.concordance:.0%} of {a.pairs} pairs ordered alike")
+
+
+def arena(
+    source: Optional[str] = typer.Option(None, "--source", "-s",
+                                         help="human or judge; default: both and their "
+                                              "agreement"),
+    criterion: Optional[str] = typer.Option(None, "--criterion", "-c",
+                                            help="only the verdicts / votes on this criterion"),
+    samples: int = typer.Option(1000, "--samples", min=0, help="bootstrap samples"),
+    seed: int = typer.Option(0, "--seed", help="the bootstrap's seed"),
+    configs: Optional[Path] = ConfigsOption,
+) -> None:
+    """Bradley–Terry ratings per variant with bootstrap intervals: from the human votes
+    (blind A/B in the console), from the judge's pairwise verdicts (eval runs), and how far
+    the two orders agree."""
+    from pipelines.datasets import eval_dirs
+    from pipelines.evaluation.arena import agreement
+    from pipelines.evaluation.arena import arena as make_arena
+    from pipelines.workspace import Workspace
+    from store import Store
+
+    if source not in (None, "human", "judge"):
+        fail(f"--source is human or judge, not {source!r}")
+    sources = [source] if source else ["human", "judge"]
+    try:
+        ws = Workspace.load(configs)
+        store = Store.open(ws.settings.store_path())
+        dirs = eval_dirs(ws.settings.home_path())
+        boards = {name: make_arena(store, name, eval_dirs=dirs, samples=samples, seed=seed,
+                                   criterion=criterion) for name in sources}
+    except user_errors() as exc:
+        fail(str(exc))
+    for name, board in boards.items():
+        if board.ratings:
+            out.print(arena_table(board))
+        else:
+            out.print(Text(f"arena · {name}: no games yet"
+                           + (" (vote in the console's blind A/B)" if name == "human"
+                              else " (an eval job with pairwise_criteria)")))
+        if board.skipped:
+            err.print(Text(f"{board.skipped} {name} preference(s) without two named "
+                           "variants left out"), soft_wrap=True)
+    if len(boards) == 2:
+        out.print(agreement_text(agreement(boards["human"], boards["judge"])))
