@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -556,24 +557,34 @@ class KyaraApp(App[None]):
         self.refresh_status()
         self.notify(f"variant: {name} (from the next message)", markup=False)
 
-    def action_compare(self) -> None:
-        from console.compare import CompareScreen
-        from pipelines.chat import ChatSession, default_combos
+    def _comparison(self, pick: Callable[..., Any]) -> tuple[Any, Any] | None:
+        """(a compare session, the combinations `pick` chooses: default_combos or
+        blind_pair) for a comparison screen; None after a one-line notice."""
+        from pipelines.chat import ChatSession
         from pipelines.inference.base import BackendError
 
         s = self.session
         try:
             home = self.workspace.settings.home_path() if self.workspace is not None else None
-            combos = default_combos(self.variants or {s.variant.name: s.variant}, s.variant,
-                                    s.retriever is not None, self.compare_spec, home=home)
+            combos = pick(self.variants or {s.variant.name: s.variant}, s.variant,
+                          s.retriever is not None, self.compare_spec, home=home)
         except BackendError as exc:
             self.notify(str(exc), severity="error", markup=False)
-            return
+            return None
         session = ChatSession(store=s.store, persona=s.persona, variant=s.variant,
                               backend=self.backends.get(s.variant.name), retriever=s.retriever,
                               kind="compare")
-        self.push_screen(CompareScreen(session, combos, backends=self.backends,
-                                       loader=self.backend_loader, judge=self.judge))
+        return session, combos
+
+    def action_compare(self) -> None:
+        from console.compare import CompareScreen
+        from pipelines.chat import default_combos
+
+        found = self._comparison(default_combos)
+        if found is not None:
+            session, combos = found
+            self.push_screen(CompareScreen(session, combos, backends=self.backends,
+                                           loader=self.backend_loader, judge=self.judge))
 
     def action_history(self) -> None:
         from console.history import HistoryScreen
@@ -748,22 +759,13 @@ class KyaraApp(App[None]):
 
     def action_blind_compare(self) -> None:
         from console.blind import BlindScreen, blind_pair
-        from pipelines.chat import ChatSession
-        from pipelines.inference.base import BackendError
 
         if self.screen is not self.screen_stack[0]:
             return
-        s = self.session
-        try:
-            home = self.workspace.settings.home_path() if self.workspace is not None else None
-            combos = blind_pair(self.variants or {s.variant.name: s.variant}, s.variant,
-                                s.retriever is not None, self.compare_spec, home=home)
-        except BackendError as exc:
-            self.notify(str(exc), severity="error", markup=False)
+        found = self._comparison(blind_pair)
+        if found is None:
             return
-        session = ChatSession(store=s.store, persona=s.persona, variant=s.variant,
-                              backend=self.backends.get(s.variant.name), retriever=s.retriever,
-                              kind="compare")
+        session, combos = found
         self.push_screen(BlindScreen(session, combos, backends=self.backends,
                                      loader=self.backend_loader, judge=self.judge,
                                      keys={k: self.key_of(k, d) for k, d in (

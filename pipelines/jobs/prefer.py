@@ -36,7 +36,6 @@ import json
 import os
 import queue
 import shutil
-import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -50,9 +49,8 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, HFVariant, Persona, PreferJob
 from pipelines.events import Event
-from pipelines.jobs import JobCancelled, JobContext
+from pipelines.jobs import JobContext
 from pipelines.jobs.train import (
-    _DONE,
     _replace_dir,
     check_example_labels,
     ensure_base_files,
@@ -410,6 +408,7 @@ def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
     preference figures TRL logs as metrics too."""
     from transformers import TrainerCallback
 
+    from pipelines.jobs.trainer_loop import run_training
     from pipelines.training.trainer import EventCallback
 
     assert data.train_idx is not None
@@ -431,30 +430,7 @@ def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
 
     trainer.add_callback(callback)
     trainer.add_callback(PreferenceMetrics())
-    failure: list[BaseException] = []
-    train_started = time.perf_counter()
-    thread = threading.Thread(target=_train, args=(trainer, resume, events, failure),
-                              name=f"kyara-prefer-{cfg.name}", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                item = events.get(timeout=0.5)
-            except queue.Empty:
-                ctx.check_cancelled()
-                continue
-            if item is _DONE:
-                break
-            yield item
-    finally:
-        if thread.is_alive():
-            ctx.cancel()
-            thread.join(timeout=600)
-    if failure:
-        raise failure[0]
-    if ctx.cancelled():
-        raise JobCancelled()
-    seconds = time.perf_counter() - train_started
+    seconds = yield from run_training(trainer, resume, ctx, events, f"kyara-prefer-{cfg.name}")
     state = trainer.state
     summary.update({
         "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
@@ -463,16 +439,6 @@ def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
         "train_loss": callback.last_loss, "eval_loss": callback.last_eval,
         **{k: round(v, 4) for k, v in last.items()},
     })
-
-
-def _train(trainer: Any, resume: Path | None, events: queue.Queue[Any],
-           failure: list[BaseException]) -> None:
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    except BaseException as exc:
-        failure.append(exc)
-    finally:
-        events.put(_DONE)
 
 
 # --- save and register ------------------------------------------------------------------

@@ -35,7 +35,6 @@ import os
 import queue
 import random
 import shutil
-import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,12 +48,12 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, Persona, TrainJob
 from pipelines.events import Event
-from pipelines.jobs import JobCancelled, JobContext
+from pipelines.jobs import JobContext
 from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.training.examples import Example
 
 LABELS_FILE = "labels.txt"
-_DONE = object()
+
 
 def output_dir(cfg: TrainJob, home: Path) -> Path:
     return jobs.output_dir(cfg.output, home, "runs", cfg.name)
@@ -326,44 +325,19 @@ def load_model(cfg: TrainJob, base: HFVariant, data: Tokenised, cuda: bool) -> A
 def make_trainer(cfg: TrainJob, data: Tokenised, model: Any, out: Path, cuda: bool) -> Any:
     """TRL's SFTTrainer (kyara's subclass) with the PEFT LoRA config, on the ready-made
     examples; checkpoints under out/checkpoints."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig
 
-    from pipelines.training.trainer import KyaraSFTTrainer
+    from pipelines.training.trainer import KyaraSFTTrainer, common_arguments
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     train_rows, eval_rows = data.rows(data.train_idx), data.rows(data.eval_idx)
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.keep_checkpoints,
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=cfg.save_steps,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        fp16=False,
-        gradient_checkpointing=cfg.gradient_checkpointing and cuda,
-        use_cpu=not cuda,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=cfg.max_seq_len,
+        **common_arguments(cfg, out, cuda, bool(eval_rows)),
         train_sampling_strategy="group_by_length",  # less padding: ~25% fewer tokens here
-        report_to="none",
-        disable_tqdm=True,
         prediction_loss_only=True,
-        dataloader_num_workers=0,
-        save_only_model=False,
     )
     return KyaraSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_rows),
@@ -412,36 +386,15 @@ def train(cfg: TrainJob, ctx: JobContext, trainer: Any, resume: Path | None, dat
           summary: dict[str, Any]) -> Iterator[Event]:
     """The trainer in a worker thread; its callback's events yielded as they come. A cancel
     stops it at the end of a step (after a checkpoint) and raises JobCancelled here."""
+    from pipelines.jobs.trainer_loop import run_training
     from pipelines.training.trainer import EventCallback
 
     yield ev.stage("train", f"{len(data.train_idx)} examples, up to {cfg.epochs:g} epochs")
     events: queue.Queue[Any] = queue.Queue()
     callback = EventCallback(events.put, ctx.cancelled, partial(getattr, trainer, "tokens_seen"))
     trainer.add_callback(callback)
-    failure: list[BaseException] = []
-    train_started = time.perf_counter()
-    thread = threading.Thread(target=_train, args=(trainer, resume, events, failure),
-                              name=f"kyara-train-{cfg.name}", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                item = events.get(timeout=0.5)
-            except queue.Empty:
-                ctx.check_cancelled()
-                continue
-            if item is _DONE:
-                break
-            yield item
-    finally:
-        if thread.is_alive():
-            ctx.cancel()  # the trainer saves a checkpoint at the end of this step and stops
-            thread.join(timeout=600)
-    if failure:
-        raise failure[0]
-    if ctx.cancelled():
-        raise JobCancelled()
-    train_seconds = time.perf_counter() - train_started
+    train_seconds = yield from run_training(trainer, resume, ctx, events,
+                                            f"kyara-train-{cfg.name}")
     state = trainer.state
     summary.update({
         "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
@@ -455,16 +408,6 @@ def train(cfg: TrainJob, ctx: JobContext, trainer: Any, resume: Path | None, dat
             summary["eval_loss"] = round(float(metrics["eval_loss"]), 4)
             yield ev.metric("eval_loss", metrics["eval_loss"], step=state.global_step,
                             stage="train")
-
-
-def _train(trainer: Any, resume: Path | None, events: queue.Queue[Any],
-           failure: list[BaseException]) -> None:
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    except BaseException as exc:  # re-raised by the job's own thread
-        failure.append(exc)
-    finally:
-        events.put(_DONE)
 
 
 # --- save and register ------------------------------------------------------------------

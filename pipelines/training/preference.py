@@ -306,37 +306,12 @@ def make_trainer(cfg: Any, model: Any, tokenizer: Any, train_rows: list[dict[str
                  eval_rows: list[dict[str, Any]], out: Path, cuda: bool) -> Any:
     """The method's trainer (kyara's subclass) on ready-made ids; checkpoints under
     out/checkpoints every save_steps."""
-    import torch
     from datasets import Dataset
 
-    common: dict[str, Any] = dict(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.keep_checkpoints,
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=cfg.save_steps,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        fp16=False,
-        gradient_checkpointing=cfg.gradient_checkpointing and cuda,
-        use_cpu=not cuda,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=cfg.max_seq_len,
-        beta=cfg.beta,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        save_only_model=False,
-    )
+    from pipelines.training.trainer import common_arguments
+
+    common: dict[str, Any] = {**common_arguments(cfg, out, cuda, bool(eval_rows)),
+                              "beta": cfg.beta}
     if cfg.method == "dpo":
         from trl import DPOConfig
 

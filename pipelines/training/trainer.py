@@ -35,6 +35,39 @@ COMPLETE = "kyara-complete.json"
 FINGERPRINT = "kyara-fingerprint.json"
 
 
+def common_arguments(cfg: Any, out: Path, cuda: bool, has_eval: bool) -> dict[str, Any]:
+    """The training arguments the train and prefer jobs set alike, from the fields their
+    configs share: batches, schedule, checkpoints every save_steps under out/checkpoints
+    (evaluated there too when there are eval rows), precision and device, seeds."""
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.save_steps,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing and cuda,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.max_seq_len,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
 # --- checkpoints -------------------------------------------------------------------------
 
 
