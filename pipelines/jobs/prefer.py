@@ -231,37 +231,17 @@ def check_memory(cfg: PreferJob, data: PreferData,
                  summary: dict[str, Any]) -> Generator[Event, None, bool]:
     """The train job's memory check on the prefer estimate (two sequences per row, the
     reference); with pairs, on the bound the samples can reach."""
-    from pipelines.merge.planner import model_shape
-    from pipelines.training.memory import (
-        GiB,
-        data_sizes,
-        detect_device,
-        pairs_sizes,
-        refusal,
-        train_estimate,
-    )
+    from pipelines.jobs.trainer_loop import check_memory as memory_stage
+    from pipelines.training.memory import data_sizes, pairs_sizes
 
-    yield ev.stage("memory", "estimating what the run needs")
-    device = detect_device()
-    cuda = device.kind == "cuda"
-    if cfg.qlora and not cuda:
-        raise ConfigError("qlora: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU and none is "
-                          "visible; set qlora: false to train LoRA on the CPU")
-    shape = model_shape(data.model_source, config=data.model_config)
-    if data.encoded is not None:
-        sizes = data_sizes(data.encoded.sequences, cfg.max_seq_len)
-    else:
-        sizes = pairs_sizes(cfg, data.tokenizer, data.template, data.end_text, data.system,
-                            data.prompts)
-    est = train_estimate(cfg, shape, sizes, cuda=cuda)
-    yield ev.log(f"memory estimate ({cfg.method}, two sequences per row): {est.describe()}; "
-                 f"{device.name} has {device.free / GiB:.1f} GiB free")
-    yield ev.metric("memory_estimate_gb", est.total / GiB, stage="memory")
-    summary["memory_estimate"] = est.to_dict()
-    why = refusal(cfg, shape, sizes, device, est) if cfg.check_memory else None
-    if why:
-        raise ConfigError(why)
-    return cuda
+    def sizes() -> Any:
+        if data.encoded is not None:
+            return data_sizes(data.encoded.sequences, cfg.max_seq_len)
+        return pairs_sizes(cfg, data.tokenizer, data.template, data.end_text, data.system,
+                           data.prompts)
+
+    return (yield from memory_stage(cfg, data.model_source, data.model_config, sizes, summary,
+                                    f"{cfg.method}, two sequences per row"))
 
 
 # --- pairs ------------------------------------------------------------------------------

@@ -248,32 +248,12 @@ def check_memory(cfg: TrainJob, data: Tokenised,
     """The device, QLoRA's requirements, and the memory estimate (the one memory model,
     on what `kyara plan` reads too: headers, config, data); refuses a run that will not
     fit when `check_memory`. Returns whether it trains on CUDA."""
-    from pipelines.merge.planner import model_shape
-    from pipelines.training.memory import GiB, data_sizes, detect_device, refusal, train_estimate
+    from pipelines.jobs.trainer_loop import check_memory as memory_stage
+    from pipelines.training.memory import data_sizes
 
-    yield ev.stage("memory", "estimating what the run needs")
-    device = detect_device()
-    cuda = device.kind == "cuda"
-    if cfg.qlora and not cuda:
-        raise ConfigError("qlora: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU and none is "
-                          "visible; set qlora: false to train LoRA on the CPU")
-    if cfg.qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("qlora: 4-bit QLoRA needs the bitsandbytes package: pip install "
-                              "'bitsandbytes>=0.46.1'") from None
-    shape = model_shape(data.model_source, config=data.model_config)
-    sizes = data_sizes(data.examples, cfg.max_seq_len)
-    est = train_estimate(cfg, shape, sizes, cuda=cuda)
-    yield ev.log(f"memory estimate: {est.describe()}; {device.name} has "
-                 f"{device.free / GiB:.1f} GiB free")
-    yield ev.metric("memory_estimate_gb", est.total / GiB, stage="memory")
-    summary["memory_estimate"] = est.to_dict()
-    why = refusal(cfg, shape, sizes, device, est) if cfg.check_memory else None
-    if why:
-        raise ConfigError(why)
-    return cuda
+    return (yield from memory_stage(cfg, data.model_source, data.model_config,
+                                    lambda: data_sizes(data.examples, cfg.max_seq_len),
+                                    summary))
 
 
 # --- model and trainer ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A trainer run from a job: the train and prefer jobs share it.
+"""What the train and prefer jobs share: the memory stage (`check_memory`) and the trainer
+run (`run_training`).
 
 `trainer.train()` runs in a worker thread; the job's own thread yields the events the
 trainer's callbacks put on a queue, as they come, and checks for a cancel between them. A
@@ -11,14 +12,51 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from pipelines import events as ev
+from pipelines.config import ConfigError
 from pipelines.events import Event
 from pipelines.jobs import JobCancelled, JobContext
 
 _DONE = object()
+
+
+def check_memory(cfg: Any, model_source: Any, model_config: Any, sizes: Callable[[], Any],
+                 summary: dict[str, Any], what: str = ""
+                 ) -> Generator[Event, None, bool]:
+    """The device, QLoRA's requirements, and the memory estimate (the one memory model, on
+    what `kyara plan` reads too: headers, config, the data's `sizes()`); refuses a run that
+    will not fit when `check_memory`. `what` says which estimate in the log line. Returns
+    whether it trains on CUDA."""
+    from pipelines.merge.planner import model_shape
+    from pipelines.training.memory import GiB, detect_device, refusal, train_estimate
+
+    yield ev.stage("memory", "estimating what the run needs")
+    device = detect_device()
+    cuda = device.kind == "cuda"
+    if cfg.qlora and not cuda:
+        raise ConfigError("qlora: 4-bit QLoRA (bitsandbytes) needs a CUDA GPU and none is "
+                          "visible; set qlora: false to train LoRA on the CPU")
+    if cfg.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("qlora: 4-bit QLoRA needs the bitsandbytes package: pip install "
+                              "'bitsandbytes>=0.46.1'") from None
+    shape = model_shape(model_source, config=model_config)
+    sizes = sizes()
+    est = train_estimate(cfg, shape, sizes, cuda=cuda)
+    yield ev.log(f"memory estimate{f' ({what})' if what else ''}: {est.describe()}; "
+                 f"{device.name} has {device.free / GiB:.1f} GiB free")
+    yield ev.metric("memory_estimate_gb", est.total / GiB, stage="memory")
+    summary["memory_estimate"] = est.to_dict()
+    why = refusal(cfg, shape, sizes, device, est) if cfg.check_memory else None
+    if why:
+        raise ConfigError(why)
+    return cuda
 
 
 def run_training(trainer: Any, resume: Path | None, ctx: JobContext, events: queue.Queue[Any],
