@@ -12,7 +12,8 @@ Pairs: the persona's reply to each dialogue's first question is chosen, another 
 reply rejected (realistic lengths, no sampling, no judge). The planner's verdict for
 configs/jobs/prefer-ayane-gemma2.yaml (batch 2 x 384 tokens, LoRA r 16, bf16) is the
 `--batch 2 --max-len 384` line: the estimate is an upper bound, the measured peak must be
-below it. Written for the lab's RTX 3090 (24 GB); figures pending (no GPU here).
+below it. Written for the lab's RTX 3090 (24 GB); measured on an H200 capped at 24 GiB
+(bench/README.md), the 3090 itself pending.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gemma2_2b import NullStore, random_model  # noqa: E402
+from train_gemma2_2b import NullStore, cap_gpu, random_model  # noqa: E402
 
 
 def preference_file(out: Path, rows: int) -> Path:
@@ -88,11 +89,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=384)
+    parser.add_argument("--cap", type=float, default=24.0, help="GiB; 0: no cap")
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    cap_gpu(args.cap)
     home = Path(tempfile.mkdtemp(prefix="kyara-gpu-prefer-"))
     model = args.model
     if args.random:

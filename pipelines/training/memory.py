@@ -285,7 +285,11 @@ def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool
     chosen and the rejected reply, concatenated into one batch; KTO: the completion and its
     KL completion), so the train estimate at twice the batch; DPO and KTO add their
     reference: a frozen fp32 copy of the adapter and the reference pass's logits for the
-    same positions (computed without gradients: one copy)."""
+    same positions (computed without gradients: one copy). ORPO (TRL's experimental
+    trainer) takes the logits of every position, prompt and padding included, and its NLL
+    term copies the chosen half once more: measured on an H200 capped at 24 GiB (Gemma-2-2B
+    shapes, batch 2, bench/gpu/prefer_gemma2_2b.py), ORPO peaked 1.2 GiB above DPO, over an
+    estimate that counted only the trained positions."""
     rows = cfg.batch_size if batch is None else batch
     seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
     sequences = 2 * rows
@@ -296,6 +300,8 @@ def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool
     if cfg.method in ("dpo", "kto"):
         est.adapter += est.lora_params * 4
         est.logits += trained * shape.vocab * 4
+    elif cfg.method == "orpo":
+        est.logits = logits_bytes(seq * sequences, shape.vocab) + seq * rows * shape.vocab * 4
     return est
 
 
