@@ -40,7 +40,8 @@ def export_command(
     """Training data from the store: chats (sft), preferences (dpo, kto) or the labels.
     Every row keeps its rendered prompt and where it came from."""
     from pipelines.config import ConfigError
-    from pipelines.datasets import eval_dirs, export, write_rows
+    from pipelines.datasets import eval_dirs, export
+    from pipelines.files import write_jsonl
     from pipelines.workspace import Workspace
     from store import Store, StoreError
 
@@ -51,7 +52,7 @@ def export_command(
                       eval_dirs=eval_dirs(ws.settings.home_path()))
         if not made.rows:
             fail(f"nothing to export: {made.summary()} for --source {source}")
-        write_rows(output, made.rows)
+        write_jsonl(output, made.rows)
     except (ConfigError, StoreError, OSError) as exc:
         fail(str(exc))
     out.print(f"wrote {escape(made.summary())} to {escape(str(output))}", soft_wrap=True)

@@ -35,7 +35,6 @@ export is a preference file the prefer job reads as it is
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -417,21 +416,3 @@ def label_export(store: Store) -> Export:
             "created_at": label["created_at"].isoformat(),
         })
     return Export("labels", rows, {"on deleted replies": gone})
-
-
-# --- files ----------------------------------------------------------------------------------
-
-
-def write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """JSON Lines, whole or not at all (a temporary name, then renamed). Not
-    pipelines.training's writer: training imports the judge, which imports this module."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gemma2_2b import NullStore, cap_gpu, random_model  # noqa: E402
+from train_gemma2_2b import cap_gpu, job_context, random_model  # noqa: E402
 
 
 def preference_file(out: Path, rows: int) -> Path:
@@ -51,14 +50,8 @@ def run_method(model: str, method: str, steps: int, batch: int, max_len: int,
     import torch
 
     from pipelines.config import parse_job
-    from pipelines.jobs import JobContext, get_job
-    from pipelines.workspace import Workspace
+    from pipelines.jobs import get_job
 
-    configs = home / f"configs-{method}"
-    shutil.copytree(REPO / "configs", configs)
-    (configs / "models" / "gpu-base.yaml").write_text(
-        f"name: gpu-base\nbackend: hf\nmodel: {model}\nattn_implementation: eager\n",
-        encoding="utf-8")
     data = preference_file(home / f"prefs-{method}.jsonl", rows=max(64, steps * batch))
     cfg = parse_job({"job": "prefer", "name": f"gpu-{method}", "persona": "ayane",
                      "base": "gpu-base", "method": method, "data": str(data),
@@ -66,9 +59,7 @@ def run_method(model: str, method: str, steps: int, batch: int, max_len: int,
                      "learning_rate": 5e-5, "save_steps": max(steps, 1), "logging_steps": 5,
                      "eval_questions": 16, "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
                                                     "target_modules": "all-linear"}}, method)
-    ws = Workspace.load(configs)
-    ws.settings = ws.settings.model_copy(update={"home": str(home)})
-    ctx = JobContext.create(ws, home / f"run-{method}", store=NullStore())
+    ctx = job_context(model, home, method)
     torch.cuda.reset_peak_memory_stats()
     events = list(get_job("prefer").run(cfg, ctx))
     summary = events[-1].summary or {}

@@ -99,27 +99,35 @@ def random_model(tokenizer_dir: str, out: Path) -> Path:
     return out
 
 
-def run_mode(model: str, mode: str, steps: int, batch: int, max_len: int, home: Path) -> dict:
-    import torch
-
-    from pipelines.config import parse_job
-    from pipelines.jobs import JobContext, get_job
+def job_context(model: str, home: Path, name: str):
+    """A copy of configs/ with the variant gpu-base (the model folder, eager attention), a
+    workspace whose home is `home`, and a job context that registers nothing."""
+    from pipelines.jobs import JobContext
     from pipelines.workspace import Workspace
 
-    configs = home / f"configs-{mode}"
+    configs = home / f"configs-{name}"
     shutil.copytree(REPO / "configs", configs)
     (configs / "models" / "gpu-base.yaml").write_text(
         f"name: gpu-base\nbackend: hf\nmodel: {model}\nattn_implementation: eager\n",
         encoding="utf-8")
+    ws = Workspace.load(configs)
+    ws.settings = ws.settings.model_copy(update={"home": str(home)})
+    return JobContext.create(ws, home / f"run-{name}", store=NullStore())
+
+
+def run_mode(model: str, mode: str, steps: int, batch: int, max_len: int, home: Path) -> dict:
+    import torch
+
+    from pipelines.config import parse_job
+    from pipelines.jobs import get_job
+
     cfg = parse_job({"job": "train", "name": f"gpu-{mode}", "persona": "ayane",
                      "base": "gpu-base", "qlora": mode == "qlora", "max_steps": steps,
                      "batch_size": batch, "max_seq_len": max_len, "learning_rate": 2e-4,
                      "eval_fraction": 0.05, "save_steps": max(steps, 1), "logging_steps": 5,
                      "eval_questions": 16, "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
                                                     "target_modules": "all-linear"}}, mode)
-    ws = Workspace.load(configs)
-    ws.settings = ws.settings.model_copy(update={"home": str(home)})
-    ctx = JobContext.create(ws, home / f"run-{mode}", store=NullStore())
+    ctx = job_context(model, home, mode)
     torch.cuda.reset_peak_memory_stats()
     events = list(get_job("train").run(cfg, ctx))
     summary = events[-1].summary or {}

@@ -17,17 +17,16 @@ cheap (the console lists reports without drawing them).
 
 from __future__ import annotations
 
-import contextlib
 import html
 import io
-import os
 import re
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from pipelines.files import write_atomic
 
 MISSING = "—"
 LAB_QUESTION = "あなたの名前はなんですか?"  # the lab's first question, asked of every model
@@ -56,24 +55,9 @@ def write_report(results: Mapping[str, Any], folder: Path) -> tuple[Path, Path]:
     md_text = markdown(results)
     html_text = html_page(results)
     md_path, html_path = folder / "report.md", folder / "report.html"
-    _write_atomic(md_path, md_text)
-    _write_atomic(html_path, html_text)
+    write_atomic(md_path, md_text)
+    write_atomic(html_path, html_text)
     return md_path, html_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # open(..., "x") rather than mkstemp: the file gets the umask's mode, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # -- formatting (shared by both files) ----------------------------------------------------

@@ -26,8 +26,8 @@ from typing import Any
 from pipelines import events as ev
 from pipelines.config import ConfigError, CurateJob
 from pipelines.events import Event
+from pipelines.files import write_jsonl
 from pipelines.jobs import JobContext
-from pipelines.training.data import write_jsonl
 
 
 def calibration_problems(home: Path, judge: Any, persona: str, criteria: Sequence[str],

@@ -40,6 +40,7 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, EvalJob, Variant
 from pipelines.events import Event
+from pipelines.files import write_jsonl
 from pipelines.jobs import JobContext
 
 REPLIES = "replies.jsonl"
@@ -836,7 +837,7 @@ def statistics(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[di
     from pipelines.judge.runner import Judge
 
     yield ev.stage("results", "means, paired differences and intervals")
-    _write_jsonl(setup.out / VERDICTS, verdicts)
+    write_jsonl(setup.out / VERDICTS, verdicts)
     judge_ = Judge.open(ctx.workspace, cfg.judge, setup.persona.id,
                         criteria=sorted({c for cs in setup.criteria.values() for c in cs}),
                         store=None)
@@ -880,13 +881,6 @@ def report(ctx: JobContext, setup: Setup, results: dict[str, Any]
     md, html = write_report(results, setup.out)
     yield ev.log(f"report: {html}")
     return md, html
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                   encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _headline(results: dict[str, Any], criteria: Sequence[str]) -> list[dict[str, Any]]:

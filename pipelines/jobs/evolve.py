@@ -28,7 +28,6 @@ that already holds events).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import EvolveJob
 from pipelines.events import Event
+from pipelines.files import write_atomic
 from pipelines.jobs import JobContext
 
 MEMORY = "memory"  # error kind: the plan does not fit the device
@@ -189,7 +189,7 @@ def write_best(cfg: EvolveJob, ctx: JobContext, folder: Path,
               f"evaluation {best['index']}, fitness {best['fitness']:.6f}\n")
     for place in (folder, ctx.run_dir):
         Path(place).mkdir(parents=True, exist_ok=True)
-        _write_atomic(Path(place) / BEST_FILE, header + text)
+        write_atomic(Path(place) / BEST_FILE, header + text)
     return config, text
 
 
@@ -214,7 +214,3 @@ def _materialize(cfg: EvolveJob, ctx: JobContext, config, text: str, folder: Pat
     summary.update({"variant": cfg.name, "output": str(out), "variant_yaml": str(variant_yaml)})
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -46,7 +46,6 @@ from typing import Any
 import yaml
 
 from pipelines import events as ev
-from pipelines import jobs
 from pipelines.config import ConfigError, HFVariant, Persona, PreferJob
 from pipelines.events import Event
 from pipelines.jobs import JobContext
@@ -54,18 +53,12 @@ from pipelines.jobs.train import (
     _replace_dir,
     check_example_labels,
     ensure_base_files,
+    output_dir,
     passive_openmp,
     release_memory,
     split,
+    variant_name,
 )
-
-
-def output_dir(cfg: PreferJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, "runs", cfg.name)
-
-
-def variant_name(cfg: PreferJob) -> str:
-    return cfg.variant or cfg.name
 
 
 def run(cfg: PreferJob, ctx: JobContext) -> Iterator[Event]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, read_text
+from pipelines.files import write_jsonl
 
 # Marks that end a sentence already: nothing is added after them.
 SENTENCE_FINAL = "。．.！？!?…‥"
@@ -230,20 +231,6 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise ConfigError(f"{path}: no conversations")
     return rows
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Whole or not at all: written to a temporary name, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare_file(source: str | Path, target: str | Path, options: PrepOptions | None = None

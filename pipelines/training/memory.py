@@ -183,26 +183,15 @@ def data_sizes(examples: Sequence[Any], max_seq_len: int) -> DataSizes:
     return DataSizes(min(max_seq_len, longest), trained)
 
 
-def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
-    """The train job's data steps with the tokenizer only (no model loaded): its
-    conversations, prepared as the job prepares them, with the persona's system prompt,
-    tokenised with the base model's chat template and truncated to max_seq_len. A prefer
-    job: its preference file (or its pairs' bound), pipelines.training.preference."""
-    if getattr(cfg, "job", "train") == "prefer":
-        return prefer_sizes(cfg, workspace, model_dir)
+def _chat_format(cfg: Any, workspace: Any, model_dir: str | Path) -> tuple[Any, str, str,
+                                                                          str | None]:
+    """The base model's tokenizer, chat template and turn terminator, and the persona's
+    system prompt when the job prepends it: what a train or prefer job tokenises with."""
     from transformers import AutoConfig, AutoTokenizer
 
     from pipelines.config import ConfigError
-    from pipelines.training.data import PrepOptions, prepare, read_conversations
-    from pipelines.training.examples import chat_template_for, terminator, tokenize, with_system
+    from pipelines.training.examples import chat_template_for, terminator
 
-    source = (Path(cfg.data) if cfg.data
-              else workspace.persona_dir(cfg.persona) / "dialogues.jsonl")
-    rows = read_conversations(source)
-    if cfg.prep:
-        rows, _ = prepare(rows, PrepOptions(max_chars=cfg.max_reply_chars))
-        if not rows:
-            raise ConfigError(f"{source}: no conversation is left after preparation")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
@@ -212,6 +201,28 @@ def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSiz
     template = chat_template_for(tokenizer, model_type)
     end_text, _ = terminator(tokenizer, template)
     system = workspace.persona(cfg.persona).prompts.system if cfg.system_prompt else None
+    return tokenizer, template, end_text, system
+
+
+def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
+    """The train job's data steps with the tokenizer only (no model loaded): its
+    conversations, prepared as the job prepares them, with the persona's system prompt,
+    tokenised with the base model's chat template and truncated to max_seq_len. A prefer
+    job: its preference file (or its pairs' bound), pipelines.training.preference."""
+    if getattr(cfg, "job", "train") == "prefer":
+        return prefer_sizes(cfg, workspace, model_dir)
+    from pipelines.config import ConfigError
+    from pipelines.training.data import PrepOptions, prepare, read_conversations
+    from pipelines.training.examples import tokenize, with_system
+
+    source = (Path(cfg.data) if cfg.data
+              else workspace.persona_dir(cfg.persona) / "dialogues.jsonl")
+    rows = read_conversations(source)
+    if cfg.prep:
+        rows, _ = prepare(rows, PrepOptions(max_chars=cfg.max_reply_chars))
+        if not rows:
+            raise ConfigError(f"{source}: no conversation is left after preparation")
+    tokenizer, template, end_text, system = _chat_format(cfg, workspace, model_dir)
     examples = [tokenize(tokenizer, template, with_system(r["messages"], system),
                          cfg.max_seq_len, end_text) for r in rows]
     return data_sizes(examples, cfg.max_seq_len)
@@ -221,22 +232,10 @@ def prefer_sizes(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
     """What `kyara plan` reads for a prefer job (memory.sizes_from_files): the preference
     file tokenised as the job tokenises it; with `pairs:`, the bound the samples can reach
     (the longest prompt + max_new_tokens + the terminator)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from pipelines.config import ConfigError
-    from pipelines.training.examples import chat_template_for, terminator
     from pipelines.training.pairs import read_prompts
     from pipelines.training.preference import encode, read_preferences
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{model_dir}: cannot load the tokenizer: "
-                          f"{' '.join(str(exc).split())[:200]}") from None
-    template = chat_template_for(tokenizer, model_type)
-    end_text, _ = terminator(tokenizer, template)
-    system = workspace.persona(cfg.persona).prompts.system if cfg.system_prompt else None
+    tokenizer, template, end_text, system = _chat_format(cfg, workspace, model_dir)
     if cfg.data:
         rows = read_preferences(cfg.data, cfg.method)
         encoded = encode(rows, cfg.method, tokenizer, template, system, cfg.max_seq_len,

@@ -272,29 +272,11 @@ def load_policy(cfg: Any, model_source: Path | str, model_type: str,
     """The base model with the adapter to train: a copy of `start_adapter` (the folder is
     only read), else a fresh LoRA from `cfg.lora`. bf16 on CUDA (4-bit with qlora), fp32 on
     the CPU, as the train job loads it."""
-    import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if model_type.startswith("gemma"):
-        kwargs["attn_implementation"] = "eager"
-    elif attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
+    from pipelines.training.trainer import load_base_model
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
-    if cfg.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = load_base_model(cfg, model_source, model_type, attn_implementation, cuda)
     if start_adapter is not None:
         return PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

@@ -71,6 +71,35 @@ def common_arguments(cfg: Any, out: Path, cuda: bool, has_eval: bool) -> dict[st
 # --- checkpoints -------------------------------------------------------------------------
 
 
+def load_base_model(cfg: Any, model_source: Path | str, model_type: str,
+                    attn_implementation: str | None, cuda: bool) -> Any:
+    """The base model a train or prefer job puts its LoRA on: bf16 on CUDA (4-bit NF4 with
+    `cfg.qlora`, prepared for k-bit training), fp32 on the CPU; eager attention for Gemma
+    (Gemma 2's soft-capped attention needs it), else the variant's choice."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if model_type.startswith("gemma"):
+        kwargs["attn_implementation"] = "eager"
+    elif attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    if cfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model
+
+
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.rsplit("-", 1)[1])
