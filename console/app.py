@@ -283,7 +283,8 @@ class KyaraApp(App[None]):
             self.notify("reports need the configs directory", severity="warning", markup=False)
             return
         if not isinstance(self.screen, ReportsScreen):
-            self.push_screen(ReportsScreen(self.workspace.settings.home_path()))
+            self.push_screen(ReportsScreen(self.workspace.settings.home_path(),
+                                           self.session.store))
 
     def start_job(self, path: Path) -> None:
         from console.jobs_screen import JobsScreen
@@ -782,9 +783,15 @@ class KyaraApp(App[None]):
 
     def action_export(self) -> None:
         from pipelines.export_md import session_markdown
+        from pipelines.files import write_atomic
 
         path = self.export_dir / f"kyara-{self.session.session_id[:8]}.md"
-        path.write_text(session_markdown(self.session), encoding="utf-8")
+        try:
+            write_atomic(path, session_markdown(self.session))
+        except OSError as exc:
+            self.notify(f"export failed: {path}: {exc.strerror or exc}", severity="error",
+                        markup=False)
+            return
         self.notify(f"exported to {path}", markup=False)
 
     def action_toggle_side(self) -> None:

@@ -47,6 +47,40 @@ def agreement_text(a: Any) -> Text:
                 f"{a.concordance:.0%} of {a.pairs} pairs ordered alike")
 
 
+def boards(store: Any, home: Path, sources: list[str], *, samples: int = 1000, seed: int = 0,
+           criterion: str | None = None) -> dict[str, Any]:
+    """Each source's arena (pipelines.evaluation.arena): the human votes from the store, the
+    judge's pairwise verdicts from the store and the eval runs under `home`."""
+    from pipelines.datasets import eval_dirs
+    from pipelines.evaluation.arena import arena as make_arena
+
+    dirs = eval_dirs(home)
+    return {name: make_arena(store, name, eval_dirs=dirs, samples=samples, seed=seed,
+                             criterion=criterion) for name in sources}
+
+
+def renderables(made: dict[str, Any]) -> tuple[list[Any], list[Text]]:
+    """What `kyara arena` prints and the console's Arena screen shows: a table per arena
+    (or why it has none), the agreement when both are there; and the warnings apart."""
+    from pipelines.evaluation.arena import agreement
+
+    shown: list[Any] = []
+    warnings: list[Text] = []
+    for name, board in made.items():
+        if board.ratings:
+            shown.append(arena_table(board))
+        else:
+            shown.append(Text(f"arena · {name}: no games yet"
+                              + (" (vote in the console's blind A/B)" if name == "human"
+                                 else " (an eval job with pairwise_criteria)")))
+        if board.skipped:
+            warnings.append(Text(f"{board.skipped} {name} preference(s) without two named "
+                                 "variants left out"))
+    if len(made) == 2:
+        shown.append(agreement_text(agreement(made["human"], made["judge"])))
+    return shown, warnings
+
+
 def arena(
     source: Optional[str] = typer.Option(None, "--source", "-s",
                                          help="human or judge; default: both and their "
@@ -60,9 +94,6 @@ def arena(
     """Bradley–Terry ratings per variant with bootstrap intervals: from the human votes
     (blind A/B in the console), from the judge's pairwise verdicts (eval runs), and how far
     the two orders agree."""
-    from pipelines.datasets import eval_dirs
-    from pipelines.evaluation.arena import agreement
-    from pipelines.evaluation.arena import arena as make_arena
     from pipelines.workspace import Workspace
     from store import Store
 
@@ -72,20 +103,12 @@ def arena(
     try:
         ws = Workspace.load(configs)
         store = Store.open(ws.settings.store_path())
-        dirs = eval_dirs(ws.settings.home_path())
-        boards = {name: make_arena(store, name, eval_dirs=dirs, samples=samples, seed=seed,
-                                   criterion=criterion) for name in sources}
+        made = boards(store, ws.settings.home_path(), sources, samples=samples, seed=seed,
+                      criterion=criterion)
     except user_errors() as exc:
         fail(str(exc))
-    for name, board in boards.items():
-        if board.ratings:
-            out.print(arena_table(board))
-        else:
-            out.print(Text(f"arena · {name}: no games yet"
-                           + (" (vote in the console's blind A/B)" if name == "human"
-                              else " (an eval job with pairwise_criteria)")))
-        if board.skipped:
-            err.print(Text(f"{board.skipped} {name} preference(s) without two named "
-                           "variants left out"), soft_wrap=True)
-    if len(boards) == 2:
-        out.print(agreement_text(agreement(boards["human"], boards["judge"])))
+    shown, warnings = renderables(made)
+    for item in shown:
+        out.print(item)
+    for line in warnings:
+        err.print(line, soft_wrap=True)

@@ -414,7 +414,7 @@ class JobsScreen(Screen[None]):
         """The eval runs' reports (an eval job writes them under <home>/evals)."""
         from console.reports_screen import ReportsScreen
 
-        self.app.push_screen(ReportsScreen(self.workspace.settings.home_path()))
+        self.app.push_screen(ReportsScreen(self.workspace.settings.home_path(), self.store))
 
     def action_cancel(self) -> None:
         """Escape: close the job picker, else go back to the chat."""

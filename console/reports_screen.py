@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -183,16 +184,18 @@ def describe_run(run: EvalRun) -> Text:
 
 
 class ReportsScreen(Screen[None]):
-    """The eval runs, newest first; Enter opens one, Escape goes back."""
+    """The eval runs, newest first; Enter opens one, `a` the arena, Escape goes back."""
 
+    BINDINGS = [Binding("a", "arena", "Arena", id="reports_arena")]
     DEFAULT_CSS = """
     #reports-title { height: auto; max-height: 3; background: $panel; padding: 0 1; }
     #reports { height: 1fr; }
     """
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, store: Any = None) -> None:
         super().__init__()
         self.home = Path(home)
+        self.store = store  # the arena's human votes; None: no arena
         self.runs: list[EvalRun] = []
         self.loaded = False
 
@@ -222,7 +225,7 @@ class ReportsScreen(Screen[None]):
                               "an eval job (ctrl+j, n). Escape back"))
             return
         title.update(Text(f"reports: {len(self.runs)} eval runs, newest first "
-                          "(Enter opens, Escape back)"))
+                          "(Enter opens, a: arena, Escape back)"))
         options.add_options([Option(describe_run(run), id=str(run.path)) for run in self.runs])
         options.highlighted = 0
 
@@ -237,6 +240,14 @@ class ReportsScreen(Screen[None]):
     @on(OptionList.OptionSelected, "#reports")
     def chosen(self, event: OptionList.OptionSelected) -> None:
         self.app.push_screen(ReportScreen(Path(str(event.option.id))))
+
+    def action_arena(self) -> None:
+        from console.arena_screen import ArenaScreen
+
+        if self.store is None:
+            self.notify("the arena needs the store", severity="warning", markup=False)
+            return
+        self.app.push_screen(ArenaScreen(self.store, self.home))
 
     def action_cancel(self) -> None:
         self.app.pop_screen()

@@ -178,6 +178,11 @@ class Exchange(Vertical):
     BINDINGS = [
         Binding("left", "app.alternative(-1)", "Prev alt", id="prev_alternative"),
         Binding("right", "app.alternative(1)", "Next alt", id="next_alternative"),
+        # the app's priority bindings act from anywhere; listed here too so that the footer
+        # shows them first while a reply is selected (same ids: one keymap entry each)
+        Binding("ctrl+n", "app.regenerate", "Regenerate", id="regenerate"),
+        Binding("f2", "app.edit_reply", "Edit", id="edit_reply"),
+        Binding("ctrl+l", "app.rate_reply", "Rate", id="rate_reply"),
     ]
 
     def __init__(self, question: str, speaker: str, criteria: list[str],

@@ -348,3 +348,33 @@ def test_a_failing_retrieval_still_keeps_the_question(ws, store):
     with pytest.raises(RuntimeError, match="index damaged"):
         list(session.send("犬は？"))
     assert [r["content"] for r in session.messages()] == ["犬は？"]
+
+
+def test_the_markdown_export_is_the_conversation_as_it_continued(ws, store):
+    """ctrl+o's Markdown: each turn's chosen reply in the transcript (a chosen alternative,
+    an edited text), the replies not chosen and the edit's original under it, the person's
+    ratings beside the judge's."""
+    from pipelines import feedback
+    from pipelines.export_md import session_markdown
+
+    backend = ScriptedBackend(store)
+    for reply in (["一回目ですわ。"], ["二回目ですわ。"], ["次ですわ。"]):
+        backend.enqueue(reply)
+    session = make_session(ws, store, backend)
+    list(session.send("最初の質問"))
+    first = next(m for m in session.messages() if m["role"] == "assistant")
+    list(session.regenerate(first["id"]))  # the second answer is now the chosen one
+    list(session.send("次の質問"))
+    nxt = [m for m in session.messages() if m["role"] == "assistant"][-1]
+    edited = session.edit(nxt["id"], "直しましたわ。")
+    feedback.record_label(store, edited["id"], "personality", 6)
+    feedback.record_label(store, edited["id"], "thumbs", 1)
+
+    text = session_markdown(session)
+    transcript = [line for line in text.splitlines() if line.startswith("**")]
+    assert transcript == ["**あなた**: 最初の質問", "**小野寺絢音**: 二回目ですわ。",
+                          "**あなた**: 次の質問", "**小野寺絢音**: 直しましたわ。"]
+    assert "> alternative not chosen, variant gemma3-270m: 一回目ですわ。" in text
+    assert "> original, before your edit: 次ですわ。" in text
+    assert "> you: personality 6, 👍" in text
+    assert text.index("一回目ですわ。") > text.index("二回目ですわ。")  # under the chosen one

@@ -318,3 +318,29 @@ async def test_rating_a_deleted_reply_keeps_the_panel_and_stores_nothing(ws, sto
         assert app.query(RatePanel)  # what you entered is still there to retry or close
         assert store.rows("labels") == []
         assert app.is_running
+
+
+async def test_a_selected_reply_puts_its_keys_first_in_the_footer(ws, store, tmp_path):
+    """At 80 columns the footer cannot hold every key: while a reply is selected, the keys
+    that act on it come first (as the keymap has them); one press still acts once."""
+    session = ChatSession(store=store, persona=ws.persona("ayane"),
+                          variant=ws.variant("gemma3-270m"),
+                          backend=ScriptedBackend([["はいですわ。"], ["いいえですわ。"]]))
+    app = KyaraApp(session, variants={}, backend_loader=None, export_dir=tmp_path,
+                   keymap={"edit_reply": "f4"})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await type_and_send(pilot, "こんにちは")
+        await wait_idle(pilot, app)
+        await pilot.press("shift+tab")
+        await pilot.pause()
+        assert app.focused is app.exchanges[0]
+        footer = "\n".join(strip.text for strip in
+                           app.screen._compositor.render_strips()).splitlines()[-1]
+        for shown in ("← Prev alt", "→ Next alt", "^n Regenerate", "f4 Edit", "^l Rate"):
+            assert shown in footer, footer
+        original = app.exchanges[0].message["id"]
+        await pilot.press("ctrl+n")  # regenerates once: one alternative more, not two
+        await wait_idle(pilot, app)
+        await settle(pilot, app)
+        assert [m["content"] for m in feedback.alternatives(store, original)] == [
+            "はいですわ。", "いいえですわ。"]

@@ -402,3 +402,46 @@ async def test_no_eval_runs_yet_says_how_to_make_one(home, tmp_path):
         await until(pilot, lambda: isinstance(app.screen, ReportsScreen), "Reports opens")
         await settle(pilot)
         assert app.screen.runs == [] and "no eval runs under" in screen_text(app)
+
+
+async def test_the_arena_from_the_reports_screen(dated_runs, tmp_path):
+    """`a` on the Reports screen: the human votes' Bradley–Terry table (the blind A/B's
+    votes in the app's store), the judge's arena empty, `r` refits after a new vote."""
+    from console.arena_screen import ArenaScreen
+    from console.reports_screen import ReportsScreen
+    from pipelines import feedback as fb
+
+    app = console_app(tmp_path)
+    store = app.session.store
+
+    def vote(chosen, rejected, n):
+        for _ in range(n):
+            fb.record_preference(store, prompt=[{"role": "user", "content": "q"}],
+                                 chosen="a", rejected="b", tie=False, source="human",
+                                 variants={"chosen": chosen, "rejected": rejected})
+
+    vote("ayane-270m", "gemma3-270m", 8)
+    vote("gemma3-270m", "ayane-270m", 2)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_from_palette(pilot)
+        await until(pilot, lambda: isinstance(app.screen, ReportsScreen), "Reports opens")
+        reports = app.screen
+        await settle(pilot)
+        assert "Arena" in screen_text(app).splitlines()[-1]  # the footer shows the key
+        await pilot.press("a")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen), "the arena opens")
+        await settle(pilot)
+        text = screen_text(app)
+        assert "human votes · 10 games" in text, text
+        rows = [line for line in text.splitlines() if "270m" in line]
+        assert "ayane-270m" in rows[0] and "8/0/2" in rows[0], rows  # ranked first
+        assert "gemma3-270m" in rows[1] and "2/0/8" in rows[1], rows
+        assert "arena · judge: no games yet" in text
+        assert "agreement: needs 2 variants rated by both, found 0" in text
+        assert all(len(line) <= 80 for line in text.splitlines())
+        vote("gemma3-270m", "ayane-270m", 1)
+        await pilot.press("r")
+        await settle(pilot)
+        assert "human votes · 11 games" in screen_text(app)
+        await pilot.press("escape")
+        assert app.screen is reports
