@@ -8,7 +8,8 @@
    facts plus synthetic filler in the same persona, so they compete. Goals < 20 / < 40 ms.
 
 Measured side by side in the same run, on the same store:
-- the old design (baseline): n-gram full text + e5 vectors, RRF;
+- the old design (baseline): n-gram full text + e5 vectors, RRF (on the same table, so
+  its vectors include the facts' asks once they have any);
 - the new design: e5 vectors (the fact's text and its asks) + the word index (Sudachi's
   normalised content words and synonym groups, BM25 in memory), n-grams only where a
   question has no analysable word;

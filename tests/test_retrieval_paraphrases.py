@@ -5,6 +5,7 @@ it measures retrieval across wordings and not word overlap (issue 17)."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 
 import pytest
@@ -63,3 +64,31 @@ def test_the_rule_catches_shared_words_in_other_spellings():
     assert content_words("ミュージカルを観た") & content_words("映画を見る")
     assert "演劇" in content_words("演劇部の部長")
     assert not content_words("何をしているの？") - {"何"}  # light verbs are not content
+
+
+def _plain(text: str) -> str:
+    """How an ask is compared with a held-out question: NFKC, no spaces, no end marks."""
+    return "".join(unicodedata.normalize("NFKC", text).split()).rstrip("?!。")
+
+
+def test_no_written_ask_is_a_held_out_question(rows, facts):
+    """The facts' `asks:` (knowledge.jsonl) were written without reading the held-out
+    questions; this keeps it so: no ask is, word for word, a question of the paraphrase set
+    or of the eval set. The message names fact ids only (the questions stay unread)."""
+    held_out = {_plain(r["question"]) for r in rows}
+    held_out |= {_plain(q.question) for q in
+                 Workspace.load(CONFIGS).persona_data("ayane").eval}
+    leaked = sorted(f.id for f in facts.values()
+                    if any(_plain(a) in held_out for a in f.asks or ()))
+    assert not leaked, f"facts with an ask that is a held-out question: {leaked}"
+
+
+def test_every_shipped_fact_carries_written_asks(facts):
+    """3-5 questions per fact, in the asker's words (issue 17): what lets a question
+    worded unlike the fact find it without a judge model to generate them."""
+    counts = {fid: len(f.asks or ()) for fid, f in facts.items()}
+    assert all(3 <= n <= 5 for n in counts.values()), counts
+    no_question = [f"{f.id}: {a}" for f in facts.values() for a in f.asks
+                   if not a.endswith(("？", "?", "！", "ください", "ほしいな"))]
+    assert not no_question, "asks that are neither a question nor a request: " + \
+        "; ".join(no_question)
