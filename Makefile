@@ -12,7 +12,7 @@ BIN         := $(VENV)/bin
 TORCH_CPU   ?= torch==2.13.0
 # torch for a machine with a CUDA GPU (the default PyPI build for Linux carries CUDA)
 TORCH_CUDA  ?= torch>=2.11
-EXTRAS      ?= demo,dev
+EXTRAS      ?= demo,dev,ray
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 
 # llama.cpp (llama-cpp-python compiles it; no wheel on PyPI). -march=native stays, AMX goes:

@@ -199,6 +199,10 @@ class Keymap(Strict):
     vote_a: str = "a"  # on the blind A/B screen, once both replies are in
     vote_b: str = "b"
     vote_tie: str = "t"
+    # the Reports screens (issues 15, 16)
+    report_next_chart: str = "c"
+    reports_arena: str = "a"
+    arena_refresh: str = "r"
 
 
 class AppSettings(Strict):
@@ -296,6 +300,9 @@ class Dialogue(Strict):
 
     id: str | None = None
     messages: list[ChatMessage] = Field(min_length=2)
+    # The facts (knowledge.jsonl ids) the last reply states: the train job puts them into
+    # its retrieval prompt when retrieval misses them (training/rag_examples.py).
+    knowledge_ids: list[str] = Field(default_factory=list)
 
     @field_validator("messages")
     @classmethod
@@ -504,6 +511,9 @@ class JudgeConfig(Strict):
                             "in Japanese need ~600-1200 tokens")
     prices: JudgePrices | None = Field(None, description="USD per million tokens, for the "
                                        "eval job's cost estimate; unset: not priced")
+    batch_prices: JudgePrices | None = Field(None, description="USD per million tokens "
+                                             "through the Batch API (`batch: true`); unset: "
+                                             "half of `prices`")
 
 
 class Criterion(Strict):
@@ -525,6 +535,13 @@ class LoraSettings(Strict):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+def _check_processes(job: Any) -> None:
+    """batch_size is the global batch of one step: each of `processes` takes an equal share."""
+    if job.batch_size % job.processes:
+        raise ValueError(f"batch_size: {job.batch_size} does not split evenly among "
+                         f"{job.processes} processes (each takes batch_size / processes)")
 
 
 class TrainJob(Strict):
@@ -563,6 +580,32 @@ class TrainJob(Strict):
                                        "the persona's eval questions (default all; 0 = skip)")
     eval_max_new_tokens: int = Field(48, gt=0)
     judge: str | None = Field(None, description="a judge for the mini-evaluation, if reachable")
+    # --- training on the retrieval prompt (issue 17) ---
+    rag_share: float = Field(0, ge=0, le=1, description="share of the examples (chosen by "
+                             "seed) whose system prompt is the persona's retrieval prompt with "
+                             "the facts retrieval finds for the last user turn, as chat renders "
+                             "it; the facts a dialogue names (knowledge_ids) put in if missed")
+    rag_k: int = Field(5, ge=1, le=50, description="facts in a retrieval prompt: chat's k (5)")
+    rag_keep_plain: bool = Field(False, description="keep the plain-prompt example of each "
+                                 "conversation given the retrieval prompt too (the retrieval "
+                                 "examples are added, not swapped in)")
+    # --- training on several GPUs (issue 18) ---
+    processes: int = Field(1, ge=1, description="training processes (one per GPU) under "
+                           "Accelerate; batch_size is the global batch, split evenly among them")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="with processes > 1: DDP "
+                                                "(a full copy per GPU) or FSDP (sharded; CUDA)")
+
+    @model_validator(mode="after")
+    def _rag_needs_the_system_prompt(self) -> TrainJob:
+        if self.rag_share > 0 and not self.system_prompt:
+            raise ValueError("rag_share: the retrieval prompt is a system prompt; it needs "
+                             "system_prompt: true")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_among_processes(self) -> TrainJob:
+        _check_processes(self)
+        return self
 
 
 class PairSettings(Strict):
@@ -631,12 +674,22 @@ class PreferJob(Strict):
     eval_questions: int | None = Field(None, ge=0)
     eval_max_new_tokens: int = Field(48, gt=0)
     judge: str | None = Field(None, description="a judge for the before / after evaluation")
+    # --- training on several GPUs (issue 18) ---
+    processes: int = Field(1, ge=1, description="training processes (one per GPU) under "
+                           "Accelerate; batch_size is the global batch, split evenly among them")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="with processes > 1: DDP "
+                                                "(a full copy per GPU) or FSDP (sharded; CUDA)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PreferJob:
         if (self.data is None) == (self.pairs is None):
             raise ValueError("set exactly one of 'data' (a preference file) and 'pairs' "
                              "(sample and style-rank replies)")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_among_processes(self) -> PreferJob:
+        _check_processes(self)
         return self
 
 
@@ -651,6 +704,11 @@ class CurateJob(Strict):
     min_agreement: float = Field(0.6, ge=-1, le=1, description="Spearman rho from calibration")
     kept: str | None = None
     dropped: str | None = None
+    batch: bool = Field(False, description="judge through the OpenAI Batch API (half the "
+                        "price, results within 24 h); what fails there is asked live")
+    batch_poll_s: float = Field(60, gt=0, description="seconds between batch status checks")
+    batch_timeout_s: float = Field(26 * 3600, gt=0, description="give up waiting after this "
+                                   "(the batch keeps running; a rerun re-attaches to it)")
 
 
 class MergeOptions(Strict):
@@ -712,7 +770,18 @@ class EvolveJob(Strict):
     materialize: bool = Field(False, description="merge the best config to disk with "
                               "mergekit and register it as a variant")
     ray: bool = Field(False, description="evaluate in parallel on Ray (extra: kyara[ray])")
-    workers: int | None = Field(None, ge=1, description="Ray actors; default one per GPU")
+    workers: int | None = Field(None, ge=1, description="Ray actors, each with its own "
+                                "resident model; default one per GPU (one on the CPU)")
+    ray_address: str | None = Field(None, description="a running Ray cluster to evaluate on "
+                                    "(host:port of `ray start --head`, or 'auto'); default "
+                                    "RAY_ADDRESS, else a local Ray started for the job")
+
+    @model_validator(mode="after")
+    def _ray_address_needs_ray(self) -> EvolveJob:
+        if not self.ray and self.ray_address is not None:
+            raise ValueError("ray_address: set, but ray is false; set ray: true to "
+                             "evaluate on that cluster")
+        return self
 
 
 class ExportJob(Strict):
@@ -785,6 +854,12 @@ class EvalJob(Strict):
                                        "estimate (judge prices from the judge config)")
     force: bool = Field(False, description="start even above max_cost_usd")
     output: str | None = Field(None, description="default <home>/evals/<name>; a rerun resumes")
+    batch: bool = Field(False, description="judge and pairwise stages through the OpenAI "
+                        "Batch API (half the price, results within 24 h); what fails there "
+                        "is asked live")
+    batch_poll_s: float = Field(60, gt=0, description="seconds between batch status checks")
+    batch_timeout_s: float = Field(26 * 3600, gt=0, description="give up waiting after this "
+                                   "(the batch keeps running; a rerun re-attaches to it)")
 
     @model_validator(mode="after")
     def _sets_and_reference(self) -> EvalJob:

@@ -10,6 +10,8 @@ those at or above the threshold on all of them, and write the kept and the dropp
   stopped half way and started again asks only for what is missing.
 - A verdict that failed or had no valid score drops nothing: a failure is not a low
   score. Such rows are kept and counted as `unjudged`.
+- `batch: true` asks through the OpenAI Batch API (pipelines.judge.batch_api): half the
+  price; batch.json in the run folder lets a restarted job re-attach to its batch.
 
 Files (default `<home>/runs/<job name>/`): kept.jsonl (the rows as read), dropped.jsonl
 (each row with `curation`: per-criterion score, status and reasoning, and `reasons`).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +106,20 @@ def run(cfg: CurateJob, ctx: JobContext) -> Iterator[Event]:
 
 
 def _judge_all(cfg: CurateJob, ctx: JobContext, judge: Any, items: list[Any]) -> Iterator[Event]:
-    yield ev.stage("judge", f"{len(items)} conversations x {len(cfg.criteria)} criteria")
+    yield ev.stage("judge", f"{len(items)} conversations x {len(cfg.criteria)} criteria"
+                   + (" through the Batch API" if cfg.batch else ""))
+    yield ev.progress(0, len(items), "conversations", stage="judge")
+    if cfg.batch:
+        results = yield from _judge_batch(cfg, ctx, judge, items)
+    else:
+        results = yield from _judge_live(cfg, ctx, judge, items)
+    yield from _write(cfg, ctx, items, results)
+
+
+def _judge_live(cfg: CurateJob, ctx: JobContext, judge: Any, items: list[Any]
+                ) -> Generator[Event, None, dict[tuple[str, str], Any]]:
     results: dict[tuple[str, str], Any] = {}
     chunk = max(1, judge.config.concurrency * 4)
-    yield ev.progress(0, len(items), "conversations", stage="judge")
     for start in range(0, len(items), chunk):
         ctx.check_cancelled()
         part = [item.interaction for item in items[start:start + chunk]]
@@ -122,7 +134,37 @@ def _judge_all(cfg: CurateJob, ctx: JobContext, judge: Any, items: list[Any]) ->
         results.update(asyncio.run(score()))
         yield ev.progress(min(len(items), start + chunk), len(items), "conversations",
                           stage="judge")
+    return results
 
+
+def _judge_batch(cfg: CurateJob, ctx: JobContext, judge: Any, items: list[Any]
+                 ) -> Generator[Event, None, dict[tuple[str, str], Any]]:
+    """Every verdict through one batch (batch.json in the run folder), what it did not
+    answer asked live."""
+    from pipelines.judge.batch_api import batch_prices, judge_batch
+
+    pairs = [(item.interaction, c) for item in items for c in cfg.criteria]
+    asks = [judge.score_ask(interaction, c) for interaction, c in pairs]
+    prices, source = batch_prices(judge.config)
+    if prices is not None:
+        yield ev.log(f"batch: {len(asks)} requests at most, priced at {source} "
+                     f"(${prices.input:g} / ${prices.output:g} per million tokens)")
+    loop = asyncio.new_event_loop()
+    try:
+        verdicts = yield from judge_batch(
+            judge, asks, ctx.home / "runs" / cfg.name / "batch.json", loop=loop,
+            poll_s=cfg.batch_poll_s, timeout_s=cfg.batch_timeout_s, stage="judge",
+            check_cancelled=ctx.check_cancelled)
+    finally:
+        loop.run_until_complete(judge.provider.aclose())
+        loop.close()
+    yield ev.progress(len(items), len(items), "conversations", stage="judge")
+    return {(interaction.id or "", c): v for (interaction, c), v in zip(pairs, verdicts,
+                                                                      strict=True)}
+
+
+def _write(cfg: CurateJob, ctx: JobContext, items: list[Any],
+           results: dict[tuple[str, str], Any]) -> Iterator[Event]:
     yield ev.stage("write", "kept and dropped rows")
     ids = [item.id for item in items]
     reasons = decide(ids, cfg.criteria, results, cfg.threshold)

@@ -19,6 +19,10 @@ there: a reply whose id (run, combination, set, item, sample and a digest of eve
 that shapes it) is in replies.jsonl without an error is not generated again, and every
 verdict already in the store's judgments table is served from the judge's cache, so a run
 killed with SIGKILL at any point repeats no finished work.
+
+With `batch: true` the judge and pairwise stages go through the OpenAI Batch API
+(pipelines.judge.batch_api: half the price; batch-<stage>.json in the output folder lets a
+restarted run re-attach to its batch), and the plan prices them at the batch price.
 """
 
 from __future__ import annotations
@@ -307,7 +311,12 @@ def estimate_cost(cfg: EvalJob, ctx: JobContext, setup: Setup) -> dict[str, Any]
                                          typical, typical)
             prompt_tokens += calls * estimate_tokens(text)
     completion_tokens = score_calls * ANSWER_TOKENS + pair_calls * CHOICE_TOKENS
-    prices = setup.judge_config.prices
+    prices, pricing = setup.judge_config.prices, "live prices"
+    if cfg.batch:
+        from pipelines.judge.batch_api import batch_prices
+
+        prices, source = batch_prices(setup.judge_config)
+        pricing = f"Batch API prices ({source})"
     usd = None
     if prices is not None:
         usd = round((prompt_tokens * prices.input + completion_tokens * prices.output) / 1e6, 4)
@@ -323,7 +332,8 @@ def estimate_cost(cfg: EvalJob, ctx: JobContext, setup: Setup) -> dict[str, Any]
         "judge_calls": {"scores": score_calls, "pairwise": pair_calls},
         "estimated_tokens": {"prompt": prompt_tokens, "completion": completion_tokens},
         "judge": {"name": setup.judge_config.name, "model": setup.judge_config.model,
-                  "prices_usd_per_mtok": prices.model_dump() if prices else None},
+                  "prices_usd_per_mtok": prices.model_dump() if prices else None,
+                  "pricing": pricing, "batch": cfg.batch},
         "usd": usd,
         "max_cost_usd": cfg.max_cost_usd,
     }
@@ -333,7 +343,8 @@ def describe_plan(p: dict[str, Any]) -> str:
     items = ", ".join(f"{n} {s}" for s, n in p["items"].items())
     calls = p["judge_calls"]
     tokens = p["estimated_tokens"]
-    money = (f"≈ ${p['usd']:.2f} at {p['judge']['model']}'s prices" if p["usd"] is not None
+    pricing = p["judge"].get("pricing", "live prices")
+    money = (f"≈ ${p['usd']:.2f} at {p['judge']['model']}'s {pricing}" if p["usd"] is not None
              else f"{p['judge']['model']} has no prices: no dollar estimate")
     return (f"plan: {len(p['combinations'])} combinations x ({items}) x {p['samples']} "
             f"sample(s): {p['generations']} generations; judge calls: {calls['scores']} "
@@ -730,9 +741,16 @@ def judge(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict[st
 
     pairs = [(r, c) for r in replies if not r.get("error")
              for c in setup.criteria[r["set"]]]
-    yield ev.stage("judge", f"{len(pairs)} verdicts by {setup.judge_config.model}")
+    yield ev.stage("judge", f"{len(pairs)} verdicts by {setup.judge_config.model}"
+                   + (" through the Batch API" if cfg.batch else ""))
     records: list[dict[str, Any]] = []
     with _judging(cfg, ctx, setup) as (judge_, loop):
+        if cfg.batch:
+            asks = [judge_.score_ask(Interaction.from_messages(r["transcript"], id=r["id"]), c)
+                    for r, c in pairs]
+            found_ = yield from _batch(cfg, ctx, setup, judge_, loop, asks, "judge")
+            records = [_score_record(r, v) for (r, _), v in zip(pairs, found_, strict=True)]
+            pairs = []  # all asked
         for start in range(0, len(pairs), JUDGE_CHUNK):
             chunk = pairs[start:start + JUDGE_CHUNK]
             by_criteria: dict[str, list[Any]] = {}
@@ -756,6 +774,18 @@ def judge(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict[st
                      f"rerun asks the failed ones again): {failed[0]['error'] or 'no score'}",
                      level="warning")
     return records
+
+
+def _batch(cfg: EvalJob, ctx: JobContext, setup: Setup, judge_: Any,
+           loop: asyncio.AbstractEventLoop, asks: list[Any], stage: str
+           ) -> Generator[Event, None, list[Any]]:
+    """A stage's verdicts through the Batch API; batch-<stage>.json in the output folder
+    lets a restarted run re-attach to its batch."""
+    from pipelines.judge.batch_api import judge_batch
+
+    return (yield from judge_batch(judge_, asks, setup.out / f"batch-{stage}.json", loop=loop,
+                                   poll_s=cfg.batch_poll_s, timeout_s=cfg.batch_timeout_s,
+                                   stage=stage, check_cancelled=ctx.check_cancelled))
 
 
 def _score_record(reply: dict[str, Any], verdict: Any) -> dict[str, Any]:
@@ -795,6 +825,21 @@ def pairwise(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict
                           message_id=reply["id"]),
             judge_.prefer(conversation, ref["text"], reply["text"], criterion,
                           message_id=reply["id"]))
+        return record(reply, ref, criterion, first, second)
+
+    def both_there(job: tuple[dict[str, Any], Any, str]) -> bool:
+        reply, ref, _ = job
+        return ref is not None and not ref.get("error") and not reply.get("error")
+
+    def orders(reply: dict[str, Any], ref: dict[str, Any], criterion: str) -> list[Any]:
+        conversation = Interaction.from_pair(reply["question"], "")
+        return [judge_.prefer_ask(conversation, reply["text"], ref["text"], criterion,
+                                  message_id=reply["id"]),
+                judge_.prefer_ask(conversation, ref["text"], reply["text"], criterion,
+                                  message_id=reply["id"])]
+
+    def record(reply: dict[str, Any], ref: dict[str, Any], criterion: str, first: Any,
+               second: Any) -> dict[str, Any]:
         a, b = choice_of(first), choice_of(second)
         return {"kind": "pairwise", "combo": reply["combo"], "reference": ref["combo"],
                 "set": reply["set"], "question_id": reply["question_id"],
@@ -804,19 +849,27 @@ def pairwise(cfg: EvalJob, ctx: JobContext, setup: Setup, replies: Sequence[dict
                                if v.status != "ok"), None)}
 
     with _judging(cfg, ctx, setup) as (judge_, loop):
+        if cfg.batch:
+            ready = [i for i, job in enumerate(jobs_) if both_there(job)]
+            asks = [a for i in ready for a in orders(*jobs_[i])]
+            found_ = yield from _batch(cfg, ctx, setup, judge_, loop, asks, "pairwise")
+            batched = {i: record(*jobs_[i], found_[2 * n], found_[2 * n + 1])
+                       for n, i in enumerate(ready)}
         for start in range(0, len(jobs_), JUDGE_CHUNK):
             chunk = jobs_[start:start + JUDGE_CHUNK]
             for reply, ref, criterion in chunk:
-                if ref is None or ref.get("error") or reply.get("error"):
+                if not both_there((reply, ref, criterion)):
                     records.append({"kind": "pairwise", "combo": reply["combo"],
                                     "reference": setup.reference.id, "set": reply["set"],
                                     "question_id": reply["question_id"],
                                     "sample": reply["sample"], "criterion": criterion,
                                     "first": None, "second": None, "outcome": None,
                                     "error": "a reply is missing"})
-            asked = [both(r, ref, c) for r, ref, c in chunk
-                     if ref is not None and not ref.get("error") and not r.get("error")]
-            records += loop.run_until_complete(_gather(asked))
+            if cfg.batch:
+                records += [batched[i] for i in range(start, start + len(chunk)) if i in batched]
+            else:
+                records += loop.run_until_complete(_gather([both(*job) for job in chunk
+                                                            if both_there(job)]))
             loop.run_until_complete(judge_.flush())
             yield ev.progress(min(start + JUDGE_CHUNK, len(jobs_)), len(jobs_), "comparisons",
                               stage="pairwise")

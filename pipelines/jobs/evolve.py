@@ -5,7 +5,7 @@ candidates are merged in memory into one resident model and scored by the person
 
     validate        validate     models, questions and the search space; the search folder
     check_plan      plan         refuses when the memory plan does not fit
-    evolve          load         the resident model (or Ray actors), once
+    evolve          load         the resident model (or one per Ray actor), once
                     evaluate     progress: evaluations; metrics fitness, best_fitness,
                                  judge_<criterion>
     write_best      write        best_merge.yaml
@@ -146,7 +146,9 @@ def evolve(cfg: EvolveJob, ctx: JobContext, setup: Setup) -> Generator[Event, No
     however the search ends."""
     from pipelines.merge.evolve import SearchResult, search, sequential
 
-    yield ev.stage("load", f"resident model on {cfg.options.device} ({setup.out_dtype})")
+    where = "on Ray actors, each its own" if cfg.ray else "one"
+    yield ev.stage("load", f"{where} resident model on {cfg.options.device} "
+                           f"({setup.out_dtype})")
     pool = evaluator = None
     result = SearchResult([], 0, 0)
     try:
@@ -154,7 +156,8 @@ def evolve(cfg: EvolveJob, ctx: JobContext, setup: Setup) -> Generator[Event, No
             from pipelines.merge.evolve_ray import RayPool
 
             pool = RayPool(cfg, str(ctx.workspace.configs), setup.space)
-            yield ev.log(f"Ray: {pool.size} actor(s)")
+            yield ev.log(f"Ray: {pool.size} actor(s) at {pool.address}, "
+                         f"{pool.info[0]['questions']} held-out question(s) each")
             evaluate = pool.evaluate
         else:
             from pipelines.merge.evolve import Evaluator
@@ -166,12 +169,22 @@ def evolve(cfg: EvolveJob, ctx: JobContext, setup: Setup) -> Generator[Event, No
             evaluate = sequential(evaluator)
         ctx.check_cancelled()
         yield from search(cfg, setup.space, setup.log, evaluate, result, ctx.check_cancelled)
+        if pool is not None:
+            yield from _ray_report(pool)
     finally:
         if evaluator is not None:
             evaluator.close()
         if pool is not None:
             pool.close()
     return result
+
+
+def _ray_report(pool: Any) -> Iterator[Event]:
+    """How the evaluations were shared out, and each actor lost on the way."""
+    for index, why in pool.replaced:
+        yield ev.log(f"Ray: the actor evaluating {index} died ({why}); evaluation {index} "
+                     "was run again on a replacement", level="warning")
+    yield ev.log(f"Ray: evaluations per actor {pool.counts}")
 
 
 def write_best(cfg: EvolveJob, ctx: JobContext, folder: Path,

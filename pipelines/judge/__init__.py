@@ -8,7 +8,8 @@
 
 Modules: prompt (the judge prompt: full profile, anchors, delimiters), parse (final score,
 G-Eval weighting), providers (OpenAI, OpenAI-compatible, llama.cpp), runner (the Judge:
-concurrency, retries, cache, store), live (console API), batch (data files), calibrate
+concurrency, retries, cache, store), live (console API), batch (data files), batch_api
+(the OpenAI Batch API for large runs), calibrate
 (agreement with human labels). Never imports torch or textual.
 """
 

@@ -140,6 +140,16 @@ class OpenAIProvider:
             self._client_loop = loop
         return self._client
 
+    def batch_client(self) -> Any:
+        """A synchronous client on the same server and key, for the Batch API's files and
+        batches (pipelines.judge.batch_api); no retries of its own either."""
+        return self._openai.OpenAI(base_url=self.config.base_url, api_key=self._key,
+                                   timeout=self.config.timeout_s, max_retries=0)
+
+    def request_body(self, prompt: str) -> dict[str, Any]:
+        """The chat-completions body `complete` sends (the Batch API sends the same)."""
+        return self._params(prompt)
+
     def _params(self, prompt: str) -> dict[str, Any]:
         params: dict[str, Any] = {
             "model": self.model,
@@ -201,6 +211,11 @@ class OpenAIProvider:
             data = json.loads(body)
         except ValueError:
             raise self._malformed("not JSON") from None
+        return self.completion_of(data)
+
+    def completion_of(self, data: Any) -> Completion:
+        """A chat completion's parsed body as a Completion, or ProviderError (malformed,
+        empty): the live answer and a Batch API output row are read alike."""
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise self._malformed("no completion in it")

@@ -24,6 +24,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,26 @@ class _Writer:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+@dataclass
+class Ask:
+    """One verdict to ask for, as the live path asks it: the verdict fields it will carry
+    (`base`: criterion, cache key, message id, ...), the prompt (built anew per attempt:
+    fresh delimiters) and the reader that takes the verdict fields from the answer. The
+    Batch API path (pipelines.judge.batch_api) sends and reads the same."""
+
+    base: dict[str, Any]
+    make_prompt: Callable[[], str]
+    read: Callable[[Completion], dict[str, Any] | None]
+
+    @property
+    def key(self) -> str:
+        return self.base["cache_key"]
+
+    @property
+    def message_id(self) -> str:
+        return self.base["message_id"] or ""
 
 
 class Judge:
@@ -208,9 +229,19 @@ class Judge:
                      ) -> dict[tuple[str, str], Verdict]:
         """Stored ok/invalid verdicts for (interaction, criterion) pairs, by (item id,
         criterion). A verdict found under another message id is copied to this one."""
-        wanted: dict[str, list[tuple[Interaction, str]]] = {}
-        for interaction, criterion in pairs:
-            wanted.setdefault(self.key(interaction, criterion), []).append((interaction, criterion))
+        keys = {(i.id or "", c): self.key(i, c) for i, c in pairs}
+        found = await self.lookup([(key, mid) for (mid, _), key in keys.items()])
+        return {(mid, c): found[(key, mid)] for (mid, c), key in keys.items()
+                if (key, mid) in found}
+
+    async def lookup(self, wanted_pairs: Sequence[tuple[str, str]]
+                     ) -> dict[tuple[str, str], Verdict]:
+        """Stored ok/invalid verdicts by (cache key, message id), from this session's
+        memory, else the store. A verdict found under another message id is copied to this
+        one (and stored so)."""
+        wanted: dict[str, list[str]] = {}
+        for key, message_id in wanted_pairs:
+            wanted.setdefault(key, []).append(message_id)
         found: dict[str, list[dict[str, Any]]] = {}
         for key in wanted:
             for message_id, verdict in self._memory.get(key, {}).items():
@@ -221,14 +252,13 @@ class Judge:
                 found.setdefault(row["cache_key"], []).append(row)
         out: dict[tuple[str, str], Verdict] = {}
         for key, rows in found.items():
-            for interaction, criterion in wanted[key]:
-                message_id = interaction.id or ""
+            for message_id in dict.fromkeys(wanted[key]):
                 mine = next((r for r in rows if (r["message_id"] or "") == message_id), None)
                 verdict = Verdict.from_row(mine or rows[0])
                 if mine is None:  # same words, another message: a copy, not a request
                     verdict.message_id = message_id or None
                     self._persist(verdict)
-                out[(message_id, criterion)] = verdict
+                out[(key, message_id)] = verdict
         return out
 
     def _stored_rows(self, keys: list[str]) -> list[dict[str, Any]]:
@@ -289,12 +319,26 @@ class Judge:
         return results
 
     async def _judge(self, interaction: Interaction, criterion: str) -> Verdict:
+        return await self.ask(self.score_ask(interaction, criterion))
+
+    def score_ask(self, interaction: Interaction, criterion: str) -> Ask:
+        """What `score` sends for one criterion's verdict on one interaction."""
         c = self.criterion(criterion)
         base = {"criterion": c.name, "judge_model": self.model, "prompt_version": c.prompt_version,
                 "cache_key": self.key(interaction, criterion), "message_id": interaction.id}
         # fresh delimiters per request
-        return await self._ask(lambda: self.prompt(interaction, criterion).text, base,
-                               self._verdict)
+        return Ask(base, lambda: self.prompt(interaction, criterion).text, self._verdict)
+
+    async def ask(self, ask: Ask, *, persist: bool = False) -> Verdict:
+        """One Ask through the live path (retries, slots), without the cache."""
+        verdict = await self._ask(ask.make_prompt, ask.base, ask.read)
+        if persist:
+            self._persist(verdict)
+        return verdict
+
+    def keep(self, verdict: Verdict) -> None:
+        """Record a verdict made elsewhere (the Batch API path): memory and store."""
+        self._persist(verdict)
 
     # --- pairwise ------------------------------------------------------------------------
 
@@ -313,29 +357,26 @@ class Judge:
         or a tie: a Verdict of criterion `pairwise:<criterion>` whose score encodes the
         choice (pipelines.judge.pairwise.choice_of reads it). Cached, retried and stored
         like a score; `conversation` ends with a placeholder reply (its text is unused)."""
+        ask = self.prefer_ask(conversation, a, b, criterion, message_id=message_id)
+        hit = (await self.lookup([(ask.key, ask.message_id)])).get((ask.key, ask.message_id))
+        if hit is not None:
+            return hit
+        verdict = await self.ask(ask)
+        self._persist(verdict)
+        return verdict
+
+    def prefer_ask(self, conversation: Interaction, a: str, b: str, criterion: str, *,
+                   message_id: str | None = None) -> Ask:
+        """What `prefer` sends for one order of two replies."""
         from pipelines.judge.pairwise import PREFIX, PROMPT_VERSION, build_pairwise_prompt
 
         c = self.criterion(criterion)
-        key = self.pairwise_key(conversation, a, b, criterion)
-        message_id = message_id or ""
-        hit = self._memory.get(key, {}).get(message_id)
-        if hit is None and self.store is not None:
-            rows = await asyncio.to_thread(self._stored_rows, [key])
-            mine = next((r for r in rows if (r["message_id"] or "") == message_id), None)
-            hit = Verdict.from_row(mine or rows[0]) if rows else None
-            if hit is not None and mine is None:
-                hit.message_id = message_id or None
-                self._persist(hit)
-        if hit is not None:
-            return hit
         base = {"criterion": PREFIX + c.name, "judge_model": self.model,
-                "prompt_version": PROMPT_VERSION, "cache_key": key,
+                "prompt_version": PROMPT_VERSION,
+                "cache_key": self.pairwise_key(conversation, a, b, criterion),
                 "message_id": message_id or None}
-        verdict = await self._ask(
-            lambda: build_pairwise_prompt(c, self.persona, conversation, a, b), base,
-            self._choice)
-        self._persist(verdict)
-        return verdict
+        return Ask(base, lambda: build_pairwise_prompt(c, self.persona, conversation, a, b),
+                   self._choice)
 
     @staticmethod
     def _choice(completion: Completion) -> dict[str, Any] | None:
@@ -380,12 +421,21 @@ class Judge:
                 log.info("%s; attempt %d, again in %.2f s", exc, attempts, delay)
                 await asyncio.sleep(delay)
                 continue
-            common = {"raw_text": completion.text, "tokens": completion.tokens,
-                      "attempts": attempts, "latency_ms": _ms(started), **base}
-            fields = read(completion)
-            if fields is None:
-                return Verdict(status="invalid", error_kind=NO_SCORE, **common)
-            return Verdict(status="ok", **fields, **common)
+            return self.answered(completion, base, read, attempts=attempts,
+                                 latency_ms=_ms(started))
+
+    @staticmethod
+    def answered(completion: Completion, base: dict[str, Any],
+                 read: Callable[[Completion], dict[str, Any] | None], *, attempts: int,
+                 latency_ms: float | None) -> Verdict:
+        """The verdict an answer makes: `ok` with what `read` found, else `invalid` with
+        the raw text kept (the live and the batch path alike)."""
+        common = {"raw_text": completion.text, "tokens": completion.tokens,
+                  "attempts": attempts, "latency_ms": latency_ms, **base}
+        fields = read(completion)
+        if fields is None:
+            return Verdict(status="invalid", error_kind=NO_SCORE, **common)
+        return Verdict(status="ok", **fields, **common)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -204,10 +204,22 @@ def _chat_format(cfg: Any, workspace: Any, model_dir: str | Path) -> tuple[Any, 
     return tokenizer, template, end_text, system
 
 
+def rag_bound_prompt(cfg: Any, workspace: Any) -> str:
+    """With `rag_share`, a bound on the system prompt before retrieval has run (the plan
+    opens no index): the persona's retrieval prompt carrying its `rag_k` longest facts,
+    as if every example had it."""
+    from pipelines.prompting import format_context, system_prompt
+
+    persona = workspace.persona(cfg.persona)
+    facts = sorted(workspace.persona_data(cfg.persona).knowledge, key=lambda f: len(f.text),
+                   reverse=True)[:cfg.rag_k]
+    return system_prompt(persona, format_context(facts))
+
+
 def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSizes:
     """The train job's data steps with the tokenizer only (no model loaded): its
-    conversations, prepared as the job prepares them, with the persona's system prompt,
-    tokenised with the base model's chat template and truncated to max_seq_len. A prefer
+    conversations, prepared as the job prepares them, with the persona's system prompt (its
+    retrieval prompt's bound with `rag_share`: `rag_bound_prompt`), tokenised with the base model's chat template and truncated to max_seq_len. A prefer
     job: its preference file (or its pairs' bound), pipelines.training.preference."""
     if getattr(cfg, "job", "train") == "prefer":
         return prefer_sizes(cfg, workspace, model_dir)
@@ -223,6 +235,8 @@ def sizes_from_files(cfg: Any, workspace: Any, model_dir: str | Path) -> DataSiz
         if not rows:
             raise ConfigError(f"{source}: no conversation is left after preparation")
     tokenizer, template, end_text, system = _chat_format(cfg, workspace, model_dir)
+    if getattr(cfg, "rag_share", 0) > 0:
+        system = rag_bound_prompt(cfg, workspace)
     examples = [tokenize(tokenizer, template, with_system(r["messages"], system),
                          cfg.max_seq_len, end_text) for r in rows]
     return data_sizes(examples, cfg.max_seq_len)
@@ -259,6 +273,13 @@ def pairs_sizes(cfg: Any, tokenizer: Any, template: str, end_text: str, system: 
     return DataSizes(min(cfg.max_seq_len, longest + trained), trained)
 
 
+def per_process_batch(cfg: Any) -> int:
+    """One process's share of `batch_size` (the global batch of a step): with `processes`
+    > 1 each process holds only its share, and the estimate is one process's, against one
+    device (a GPU each)."""
+    return max(1, cfg.batch_size // getattr(cfg, "processes", 1))
+
+
 def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
                    batch: int | None = None, seq_len: int | None = None,
                    qlora: bool | None = None) -> Estimate:
@@ -268,7 +289,7 @@ def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
     if getattr(cfg, "job", "train") == "prefer":
         return prefer_estimate(cfg, shape, sizes, cuda=cuda, batch=batch, seq_len=seq_len,
                                qlora=qlora)
-    batch = cfg.batch_size if batch is None else batch
+    batch = per_process_batch(cfg) if batch is None else batch
     seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
     return estimate(shape, batch=batch, seq_len=seq, r=cfg.lora.r,
                     dtype_bytes=2 if cuda else 4,
@@ -289,7 +310,7 @@ def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool
     term copies the chosen half once more: measured on an H200 capped at 24 GiB (Gemma-2-2B
     shapes, batch 2, bench/gpu/prefer_gemma2_2b.py), ORPO peaked 1.2 GiB above DPO, over an
     estimate that counted only the trained positions."""
-    rows = cfg.batch_size if batch is None else batch
+    rows = per_process_batch(cfg) if batch is None else batch
     seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
     sequences = 2 * rows
     trained = min(sizes.trained_per_example, seq) * sequences
@@ -333,23 +354,27 @@ def suggestion(cfg: Any, shape: ModelShape, sizes: DataSizes, device: Device,
     """A setting that would fit: a smaller batch (same effective batch through grad_accum),
     then a shorter max_seq_len, then QLoRA on CUDA. None when nothing tried fits."""
     cuda = device.kind == "cuda"
-    batch, effective = cfg.batch_size, cfg.batch_size * cfg.grad_accum
+    procs = getattr(cfg, "processes", 1)  # batch_size is theirs together: b each
+    batch = per_process_batch(cfg)
+    effective = batch * cfg.grad_accum
     b = batch
     while b > 1:
         b //= 2
         est = train_estimate(cfg, shape, sizes, cuda=cuda, batch=b)
         if fits(est, device, margin):
-            return f"batch_size: {b}, grad_accum: {max(1, effective // b)} ({est.describe()})"
+            return (f"batch_size: {b * procs}, grad_accum: {max(1, effective // b)} "
+                    f"({est.describe()})")
     s = sizes.seq_len
     while s > 64:
         s //= 2
         est = train_estimate(cfg, shape, sizes, cuda=cuda, batch=1, seq_len=s)
         if fits(est, device, margin):
-            return f"batch_size: 1, grad_accum: {effective}, max_seq_len: {s} ({est.describe()})"
+            return (f"batch_size: {procs}, grad_accum: {effective}, max_seq_len: {s} "
+                    f"({est.describe()})")
     if cuda and not cfg.qlora:
         est = train_estimate(cfg, shape, sizes, cuda=True, batch=1, qlora=True)
         if fits(est, device, margin):
-            return f"qlora: true, batch_size: 1, grad_accum: {effective} ({est.describe()})"
+            return f"qlora: true, batch_size: {procs}, grad_accum: {effective} ({est.describe()})"
     return None
 
 

@@ -7,8 +7,7 @@ models and a missing Ray extra are refused in one line."""
 from __future__ import annotations
 
 import json
-import math
-import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,77 +16,13 @@ import yaml
 from safetensors.torch import load_file
 
 from pipelines.config import ConfigError, EvolveJob, MergeOptions
-from pipelines.jobs import JobContext, get_job
 from pipelines.merge.evolve import SearchSpace, resolve_sources
 from pipelines.merge.inmemory import InMemoryMerger, SourceIndex
 from pipelines.merge.merge import run_merge, validate_merge_config
 from pipelines.workspace import Workspace
-from tests.judge.scripted_judge_server import Reply, ScriptedServer, answer
-from tests.merge.evolve_models import make_models, marker_share
+from tests.judge.scripted_judge_server import Reply, ScriptedServer
+from tests.merge.evolve_job import KEY_ENV, job_dict, records, run_job, start_job, write_configs
 from tests.merge.models import make_model
-
-REPO = Path(__file__).resolve().parents[2]
-KEY_ENV = "KYARA_EVOLVE_TEST_KEY"
-
-
-# --- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> list[Path]:
-    return make_models(tmp_path_factory.mktemp("evolve_models"))
-
-
-def score_marker(request) -> Reply:
-    """Scores 1..7 by the marker's share of the reply; logprobs make the weighted score
-    1 + 6 * share, so the fitness moves smoothly with the weight on model 0."""
-    share = min(max(marker_share(request.prompt), 1e-4), 1 - 1e-4)
-    return answer("印を数えました。", 7 if share >= 0.5 else 1,
-                  score_logprobs={"7": math.log(share), "1": math.log(1 - share)})
-
-
-@pytest.fixture
-def judge_server():
-    with ScriptedServer(score_marker) as server:
-        yield server
-
-
-def write_configs(root: Path, base_url: str, **judge) -> Path:
-    shutil.copytree(REPO / "configs", root, dirs_exist_ok=True)
-    data = {"name": "scripted", "provider": "openai_compatible", "model": "scripted-judge",
-            "base_url": base_url, "api_key_env": KEY_ENV, "criteria": ["personality"],
-            "few_shot": 0, "seed": 0, "concurrency": 4, "timeout_s": 5, "max_retries": 1,
-            "temperature": 0.0, "logprobs": True, **judge}
-    (root / "judges" / "scripted.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-    return root
-
-
-@pytest.fixture
-def configs(tmp_path, judge_server, monkeypatch) -> Path:
-    monkeypatch.setenv(KEY_ENV, "sk-test")
-    return write_configs(tmp_path / "configs", judge_server.base_url)
-
-
-def job_dict(models: list[Path], output: Path, **changes) -> dict:
-    data = {"job": "evolve", "name": "evo", "method": "linear",
-            "models": [str(m) for m in models], "judge": "scripted",
-            "criteria": ["personality"], "population": 4, "generations": 2, "sigma": 0.3,
-            "seed": 0, "options": {"device": "cpu"}, "output": str(output),
-            "questions_limit": 3, "max_new_tokens": 10, "batch_size": 4, "samples": 2}
-    data.update(changes)
-    return data
-
-
-def run_job(configs: Path, run_dir: Path, data: dict) -> list:
-    cfg = EvolveJob.model_validate(data)
-    ctx = JobContext.create(Workspace.load(configs), run_dir)
-    return list(get_job("evolve").run(cfg, ctx))
-
-
-def records(folder: Path) -> list[dict]:
-    lines = (folder / "evaluations.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
-
 
 # --- merge math -------------------------------------------------------------------------
 
@@ -310,16 +245,17 @@ def test_bad_input_is_one_line(models, configs, tmp_path):
     assert "holds another search" in refused()
 
 
-def test_ray_without_the_extra_is_refused_in_one_line(models, configs, tmp_path):
-    pytest.importorskip  # noqa: B018 - ray must be absent for this test
-    try:
-        import ray  # noqa: F401
-        pytest.skip("ray is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ConfigError, match=r"kyara\[ray\]"):
+def test_ray_without_the_extra_is_refused_in_one_line(models, configs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, installed or not
+    with pytest.raises(ConfigError, match=r"kyara\[ray\]") as info:
         run_job(configs, tmp_path / "run", job_dict(models, tmp_path / "s", ray=True))
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_ray_address_without_ray_is_refused(models, tmp_path):
+    with pytest.raises(ValueError, match="ray_address: set, but ray is false"):
+        EvolveJob.model_validate(job_dict(models, tmp_path / "s", ray_address="127.0.0.1:1"))
 
 
 def test_capability_check_is_a_fitness_term(models, configs, tmp_path):
@@ -341,82 +277,7 @@ def test_capability_check_is_a_fitness_term(models, configs, tmp_path):
     assert all(r["verdicts"] == {"ok": 0, "invalid": 0, "failed": 0} for r in stored)
 
 
-class FakeRay:
-    """Just enough of ray's API to run the Ray code path in this process: actors are
-    local objects, futures are values."""
-
-    def __init__(self, gpus: int = 0) -> None:
-        self.gpus = gpus
-        self.actors: list = []
-        self.killed = 0
-
-    def is_initialized(self) -> bool:
-        return True
-
-    def cluster_resources(self) -> dict:
-        return {"CPU": 2.0, "GPU": float(self.gpus)}
-
-    def remote(self, **options):
-        fake = self
-
-        def wrap(cls):
-            class Handle:
-                def __init__(self, *args) -> None:
-                    self.obj = cls(*args)
-                    fake.actors.append(self)
-
-                def __getattr__(self, name):
-                    method = getattr(self.obj, name)
-                    return type("M", (), {"remote": staticmethod(method)})
-
-            return type("Remote", (), {"remote": staticmethod(Handle)})
-
-        return wrap
-
-    def get(self, value):
-        return value
-
-    def kill(self, actor) -> None:
-        self.killed += 1
-
-
-def test_ray_path_is_selected_when_ray_is_there(models, configs, tmp_path, monkeypatch):
-    import sys
-
-    fake = FakeRay()
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    events = run_job(configs, tmp_path / "run", job_dict(
-        models, tmp_path / "search", population=3, generations=1, ray=True, workers=2))
-    assert events[-1].type == "done", events[-1]
-    assert any(e.type == "log" and e.message == "Ray: 2 actor(s)" for e in events)
-    assert len(fake.actors) == 2 and fake.killed == 2
-    assert [r["index"] for r in records(tmp_path / "search")] == [0, 1, 2]
-
-    # a GPU search on a cluster without GPUs is refused in one line
-    with pytest.raises(ConfigError, match="no GPU"):
-        from pipelines.merge.evolve import SearchSpace as Space
-        from pipelines.merge.evolve_ray import RayPool
-
-        cfg = EvolveJob.model_validate(job_dict(models, tmp_path / "s2", ray=True,
-                                                options={"device": "cuda"}))
-        RayPool(cfg, str(configs), Space.build(cfg, *resolve_sources(cfg, None), "float32"))
-
-
 # --- resume after SIGKILL, and materialisation (slow: two job processes) ------------------
-
-
-def start_job(cfg_path: Path, run_dir: Path, configs: Path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           # the kind may not be in JOBS of a checkout yet; the runner honours this map
-           "KYARA_JOB_MODULES": "evolve=pipelines.jobs.evolve"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "run", str(cfg_path), "--run-dir", str(run_dir),
-         "--configs", str(configs)], cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.mark.slow

@@ -78,6 +78,19 @@ def test_plan_and_job_draw_the_line_at_the_same_budget(train_configs, tiny_gemma
         assert plan.fits == (memory.refusal(cfg, shape, sizes, device) is None), free
 
 
+def test_with_rag_share_the_plan_bounds_the_retrieval_prompt(train_configs, tiny_gemma):
+    """`kyara plan` opens no index: with rag_share its examples carry the retrieval prompt
+    with the persona's rag_k longest facts, a bound on what the job's retrieval returns."""
+    ws = Workspace.load(train_configs)
+    plain = parse_job(train_job(max_seq_len=4096), "test")
+    rag = parse_job(train_job(max_seq_len=4096, rag_share=0.5, rag_k=3), "test")
+    bound = memory.rag_bound_prompt(rag, ws)
+    longest = sorted((f.text for f in ws.persona_data("ayane").knowledge), key=len)[-3:]
+    assert all(f"- {text}" in bound for text in longest)
+    assert memory.sizes_from_files(rag, ws, tiny_gemma).seq_len > \
+        memory.sizes_from_files(plain, ws, tiny_gemma).seq_len
+
+
 def test_lora_count_follows_grouped_query_attention_and_target_modules():
     shape = memory.ModelShape(params=2_600_000_000, hidden=2304, layers=26, heads=8,
                               intermediate=9216, vocab=256000, kv_heads=4, head_dim=256)
