@@ -409,7 +409,10 @@ def _kv_cache(m: ModelStats, context: int, batch: int, bpp: float) -> int:
 def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = None,
                 batch: int = 8) -> Plan:
     """One resident model on the device, sources memory-mapped on the host, candidates
-    merged tensor by tensor into it; generation batches on that model."""
+    merged tensor by tensor into it; generation batches on that model. With `ray` and N
+    `workers` each actor is a process with its own resident model: on the CPU the host
+    holds N of everything but the memory-mapped sources (shared page cache); on CUDA each
+    actor has a GPU of its own (the GPU terms are per GPU) and the host N runtimes."""
     refs = list(cfg.models) + ([cfg.base_model] if cfg.base_model else [])
     stats = [inspect_model(r, base_dir) for r in refs]
     first = stats[0]
@@ -438,6 +441,14 @@ def plan_evolve(cfg: Any, base_dir: Path | None = None, context: int | None = No
     target.append(Term("merge accumulator", work,
                        f"one chunk's inputs, fp32, x{copies}" + (" + ranking" if sparse else "")))
     plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers"))
+    actors = (cfg.workers or 1) if getattr(cfg, "ray", False) else 1
+    if actors > 1:
+        each = plan.host if device != "cuda" else [t for t in plan.host if t.name == "runtime"]
+        for i, term in enumerate(plan.host):
+            if term in each:
+                plan.host[i] = Term(term.name, term.bytes * actors,
+                                    f"{term.note}, x{actors} Ray actors".lstrip(", "),
+                                    None if term.floor is None else term.floor * actors)
     plan.host.append(Term("sources (mmap)", sum(s.bytes for s in stats),
                           "file-backed: reclaimable, never copied"))
     plan.remedies = {"KV cache": "generate with batch 1",

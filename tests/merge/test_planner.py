@@ -154,3 +154,29 @@ def test_prediction_within_25_percent_medium(tmp_path_factory, shard):
     measured = measured_peak(root / "out", shard, models)
     print(f"medium {shard}: predicted {predicted / MiB:.0f} MiB, measured {measured / MiB:.0f}")
     assert abs(predicted - measured) <= 0.25 * measured
+
+
+def test_evolve_plan_counts_one_resident_model_per_ray_actor(tiny_models, tmp_path):
+    """Each Ray actor is a process with its own resident model: on the CPU the host holds
+    N of every term but the shared, memory-mapped sources; on CUDA each actor has its own
+    GPU (per-GPU terms unchanged) and the host N runtimes."""
+    from pipelines.config import EvolveJob
+    from pipelines.merge.planner import plan_evolve
+    from tests.merge.evolve_job import job_dict
+
+    def host(device, **changes):
+        cfg = EvolveJob.model_validate(job_dict(tiny_models, tmp_path / "s",
+                                                options={"device": device}, **changes))
+        plan = plan_evolve(cfg)
+        return {t.name: t.bytes for t in plan.host}, {t.name: t.bytes for t in plan.gpu}
+
+    one, _ = host("cpu")
+    three, _ = host("cpu", ray=True, workers=3)
+    assert three["sources (mmap)"] == one["sources (mmap)"]
+    for name in ("resident model", "KV cache", "merge accumulator", "runtime"):
+        assert three[name] == 3 * one[name], name
+    assert host("cpu", ray=True)[0] == one  # one actor by default on the CPU
+    gpu_one, per_gpu_one = host("cuda")
+    gpu_two, per_gpu_two = host("cuda", ray=True, workers=2)
+    assert per_gpu_two == per_gpu_one
+    assert gpu_two["runtime"] == 2 * gpu_one["runtime"]
