@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                      "sha256": sha256(base_gguf)},
             "job": {"file": str(JOB.relative_to(REPO)), "config": job},
             "seed": job.get("seed"),
+            # the facts too when the job trains on the retrieval prompt (rag_share)
             "data": {name: sha256(persona_dir / name)
-                     for name in ("persona.yaml", "dialogues.jsonl", "eval.jsonl")},
+                     for name in ("persona.yaml", "dialogues.jsonl", "eval.jsonl")
+                     + (("knowledge.jsonl",) if job.get("rag_share") else ())},
             "train": {k: done.get(k) for k in ("seconds", "eval_loss", "prep")
                       if k in done},
             "mini_eval_hf": (done.get("mini_eval") or {}),

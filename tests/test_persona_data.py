@@ -83,6 +83,19 @@ def test_dialogues_are_in_the_speech_rules(data):
     assert multi >= 20, "some conversations must be multi-turn"
 
 
+def test_dialogues_name_known_facts(data):
+    """knowledge_ids: the facts a dialogue's last reply states, put into the train job's
+    retrieval prompt when retrieval misses them (rag_share)."""
+    facts = {f.id for f in data.knowledge}
+    named = [d for d in data.dialogues if d.knowledge_ids]
+    problems = [f"{d.id}: unknown {sorted(set(d.knowledge_ids) - facts)}" for d in named
+                if not set(d.knowledge_ids) <= facts]
+    problems += [f"{d.id}: named twice" for d in named
+                 if len(set(d.knowledge_ids)) != len(d.knowledge_ids)]
+    assert problems == []
+    assert len(named) >= 100, "the dialogues that state a fact name it"
+
+
 def test_eval_questions_are_held_out_and_resolve(data):
     facts = {f.id for f in data.knowledge}
     assert len(data.eval) >= 50

@@ -196,22 +196,11 @@ def validate(cfg: EvalJob, ctx: JobContext) -> Generator[Event, None, Setup]:
 def _ensure_index(ctx: JobContext, persona: str) -> Iterator[Event]:
     """Retrieval needs the persona's facts indexed: done here, once, with the index job's
     default embedder, when they are not (what `kyara index` would do)."""
-    from pipelines.chat import find_retriever
+    from pipelines.chat import index_if_needed
 
-    if find_retriever(ctx.store, persona, ctx.home) is not None:
-        return
-    from pipelines.config import IndexJob, KnowledgeFact, load_jsonl
-    from pipelines.retrieval import asks, get_embedder, index_persona
-
-    path = ctx.workspace.persona_dir(persona) / "knowledge.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"rag: true needs the persona's facts, and {path} does not exist")
-    embedder = IndexJob(job="index", name=f"index-{persona}").embedder
-    yield ev.log(f"retrieval: persona {persona} is not indexed; indexing {path.name} with "
-                 f"{embedder} (once)")
-    facts = load_jsonl(path, KnowledgeFact)
-    index_persona(ctx.store, persona, facts, get_embedder(embedder, ctx.home),
-                  asks=asks.cached_asks(facts, asks.cache_path(ctx.home, persona)))
+    note = index_if_needed(ctx.store, ctx.workspace, persona, ctx.home, "rag: true")
+    if note:
+        yield ev.log(note)
 
 
 def _items(cfg: EvalJob, ctx: JobContext, data: Any) -> list[Item]:

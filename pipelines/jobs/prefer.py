@@ -66,9 +66,9 @@ def run(cfg: PreferJob, ctx: JobContext) -> Iterator[Event]:
     started = time.perf_counter()
     name = variant_name(cfg)
     yield ev.start("prefer", cfg.name, f"{cfg.method} on {cfg.base} -> {name}")
-    if cfg.method == "kto" and cfg.batch_size < 2:
-        raise ConfigError("batch_size: kto needs at least 2 (its KL term pairs each "
-                          "completion with another prompt of the batch)")
+    if cfg.method == "kto" and cfg.batch_size // cfg.processes < 2:
+        raise ConfigError("batch_size: kto needs at least 2 per process (its KL term pairs "
+                          "each completion with another prompt of the batch)")
     persona = ctx.workspace.persona(cfg.persona)
     base = base_variant(ctx, cfg)
     out = output_dir(cfg, ctx.home)
@@ -80,8 +80,11 @@ def run(cfg: PreferJob, ctx: JobContext) -> Iterator[Event]:
     cuda = yield from check_memory(cfg, data, summary)
     if cfg.pairs is not None:
         yield from make_pairs(cfg, ctx, persona, data, out, cuda, summary)
-    trainer, resume = yield from load_trainer(cfg, base, data, out, cuda, summary)
-    yield from train(cfg, ctx, trainer, resume, data, summary)
+    if cfg.processes > 1:  # the load and train stages in processes under Accelerate
+        trainer = yield from train_in_processes(cfg, ctx, data, out, cuda, summary)
+    else:
+        trainer, resume = yield from load_trainer(cfg, base, data, out, cuda, summary)
+        yield from train(cfg, ctx, trainer, resume, data, summary)
     adapter = yield from save_and_register(cfg, ctx, trainer, out, summary)
     del trainer
     release_memory(cuda)
@@ -356,7 +359,8 @@ def find_checkpoint(cfg: PreferJob, data: PreferData, out: Path,
         "eval": _digest(data.trainer_rows(data.eval_idx)),
         "settings": cfg.model_dump(mode="json", include={
             "method", "beta", "lora", "qlora", "epochs", "max_steps", "learning_rate",
-            "batch_size", "grad_accum", "max_seq_len", "seed", "save_steps"}),
+            "batch_size", "grad_accum", "max_seq_len", "seed", "save_steps"}
+            | ({"processes", "distributed"} if cfg.processes > 1 else set())),
     }
     resume, notes = prepare_checkpoints(out / "checkpoints", fingerprint)
     for message in notes:
@@ -375,12 +379,27 @@ PREFERENCE_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": 
                       "log_odds_ratio": "log_odds_ratio", "kl": "kl"}
 
 
+def preference_metrics(emit: Any, last: dict[str, float]) -> Any:
+    """A trainer callback: TRL's logged preference figures (PREFERENCE_METRICS) emitted as
+    metric events, and the latest of each kept in `last` (the summary's)."""
+    from transformers import TrainerCallback
+
+    class PreferenceMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                name = PREFERENCE_METRICS.get(key.removeprefix("train/"))
+                if name and isinstance(value, (int, float)):
+                    last[name] = float(value)
+                    emit(ev.metric(name, float(value), step=state.global_step, stage="train"))
+            return control
+
+    return PreferenceMetrics()
+
+
 def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
           data: PreferData, summary: dict[str, Any]) -> Iterator[Event]:
     """The train job's loop (trainer in a thread, its callback's events yielded), with the
     preference figures TRL logs as metrics too."""
-    from transformers import TrainerCallback
-
     from pipelines.jobs.trainer_loop import run_training
     from pipelines.training.trainer import EventCallback
 
@@ -390,19 +409,8 @@ def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
     events: queue.Queue[Any] = queue.Queue()
     callback = EventCallback(events.put, ctx.cancelled, partial(getattr, trainer, "tokens_seen"))
     last: dict[str, float] = {}
-
-    class PreferenceMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            for key, value in (logs or {}).items():
-                name = PREFERENCE_METRICS.get(key.removeprefix("train/"))
-                if name and isinstance(value, (int, float)):
-                    last[name] = float(value)
-                    events.put(ev.metric(name, float(value), step=state.global_step,
-                                         stage="train"))
-            return control
-
     trainer.add_callback(callback)
-    trainer.add_callback(PreferenceMetrics())
+    trainer.add_callback(preference_metrics(events.put, last))
     seconds = yield from run_training(trainer, resume, ctx, events, f"kyara-prefer-{cfg.name}")
     state = trainer.state
     summary.update({
@@ -412,6 +420,22 @@ def train(cfg: PreferJob, ctx: JobContext, trainer: Any, resume: Path | None,
         "train_loss": callback.last_loss, "eval_loss": callback.last_eval,
         **{k: round(v, 4) for k, v in last.items()},
     })
+
+
+def train_in_processes(cfg: PreferJob, ctx: JobContext, data: PreferData, out: Path,
+                       cuda: bool, summary: dict[str, Any]) -> Generator[Event, None, Any]:
+    """`processes` > 1: as the train job's (trainer_loop), from the rows encoded here."""
+    from pipelines.jobs import trainer_loop
+
+    assert data.train_idx is not None and data.eval_idx is not None
+    resume = yield from find_checkpoint(cfg, data, out, summary)
+    spec = {"model_source": str(data.model_source), "model_type": data.model_type,
+            "attn_implementation": data.attn_implementation,
+            "start": str(data.start) if data.start else None,
+            "train_rows": data.trainer_rows(data.train_idx),
+            "eval_rows": data.trainer_rows(data.eval_idx)}
+    return (yield from trainer_loop.train_in_processes(cfg, ctx, "prefer", out, resume, cuda,
+                                                       spec, len(data.train_idx), summary))
 
 
 # --- save and register ------------------------------------------------------------------

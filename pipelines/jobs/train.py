@@ -4,6 +4,7 @@
 of events that returns what the next stage needs):
 
     prepare_data        data       the conversations, prepared and written beside the run
+    rag_prompts         rag        (rag_share > 0) the retrieval prompt on that share of them
     tokenise            model      base model files (dequantised from the packaged GGUF when
                                    asked), tokenizer, examples, label check, train/eval split
     check_memory        memory     the one memory model; refuses a run that will not fit
@@ -15,7 +16,8 @@ of events that returns what the next stage needs):
 
 Where things go (`output`, default `<home>/runs/<job name>/`):
 
-    data.prepared.jsonl   the conversations trained on (the source file is not touched)
+    data.prepared.jsonl   the conversations trained on (the source file is not touched);
+                          with rag_share, the retrieval prompts and their fact ids in them
     checkpoints/          checkpoint-N/ every save_steps; resumed by the next run of this job
     adapter/              the final LoRA adapter (written to a temporary folder, renamed)
     config.yaml           the resolved job config, beside the adapter
@@ -76,10 +78,14 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
     summary: dict[str, Any] = {"variant": name, "output": str(out)}  # the done event's
 
     rows = yield from prepare_data(cfg, ctx, out, summary)
+    rows = yield from rag_prompts(cfg, ctx, persona, rows, out, summary)
     data = yield from tokenise(cfg, ctx, base, persona, rows, out)
     cuda = yield from check_memory(cfg, data, summary)
-    trainer, resume = yield from load_trainer(cfg, base, data, out, cuda, summary)
-    yield from train(cfg, ctx, trainer, resume, data, summary)
+    if cfg.processes > 1:  # the load and train stages in processes under Accelerate
+        trainer = yield from train_in_processes(cfg, ctx, base, data, out, cuda, summary)
+    else:
+        trainer, resume = yield from load_trainer(cfg, base, data, out, cuda, summary)
+        yield from train(cfg, ctx, trainer, resume, data, summary)
     adapter = yield from save_and_register(cfg, ctx, base, trainer, out, summary)
     del trainer  # the base model and its optimizer state go before the evaluation loads two
     release_memory(cuda)
@@ -164,6 +170,38 @@ def prepare_data(cfg: TrainJob, ctx: JobContext, out: Path,
         yield ev.metric("conversations", report.after.conversations, stage="data")
         yield ev.metric("ending_maru", report.after.ending_maru, stage="data")
         summary["prep"] = report.to_dict()
+    write_jsonl(out / "data.prepared.jsonl", rows)
+    ctx.check_cancelled()
+    return rows
+
+
+def rag_prompts(cfg: TrainJob, ctx: JobContext, persona: Persona, rows: list[dict[str, Any]],
+                out: Path, summary: dict[str, Any]
+                ) -> Generator[Event, None, list[dict[str, Any]]]:
+    """`rag_share` of the conversations with the retrieval prompt chat renders for their
+    last user turn (training/rag_examples.py), written back to data.prepared.jsonl; the
+    rows unchanged, and no stage, when the share is 0."""
+    if cfg.rag_share <= 0:
+        return rows
+    yield ev.stage("rag", f"the retrieval prompt on {cfg.rag_share:.0%} of the conversations")
+    from pipelines.training.rag_examples import add_rag_prompts, indexed_facts, open_retriever
+
+    retriever, note = open_retriever(ctx.store, ctx.workspace, persona.id, ctx.home)
+    if note:
+        yield ev.log(note)
+    try:
+        rows, counts = add_rag_prompts(rows, persona, retriever,
+                                       indexed_facts(ctx.store, persona.id), cfg.rag_share,
+                                       cfg.rag_k, cfg.seed, cfg.rag_keep_plain)
+        if retriever.note:  # an index an earlier kyara wrote: retrieval is not chat's now
+            yield ev.log(retriever.note, level="warning")
+    finally:
+        retriever.close()
+    yield ev.log(counts.text(cfg.rag_share, cfg.rag_k)
+                 + ("; each beside its plain example" if cfg.rag_keep_plain else ""))
+    for key in ("examples", "gold_retrieved", "gold_inserted"):
+        yield ev.metric(f"rag_{key}", getattr(counts, key), stage="rag")
+    summary["rag"] = counts.to_dict()
     write_jsonl(out / "data.prepared.jsonl", rows)
     ctx.check_cancelled()
     return rows
@@ -277,29 +315,10 @@ def load_trainer(cfg: TrainJob, base: HFVariant, data: Tokenised, out: Path, cud
 
 def load_model(cfg: TrainJob, base: HFVariant, data: Tokenised, cuda: bool) -> Any:
     """The base model: bf16 on CUDA (4-bit NF4 with `qlora`), fp32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from pipelines.training.trainer import load_base_model
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if data.model_config.model_type.startswith("gemma"):
-        kwargs["attn_implementation"] = "eager"  # Gemma 2's soft-capped attention needs it
-    elif base.attn_implementation:
-        kwargs["attn_implementation"] = base.attn_implementation
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(data.model_source, **kwargs)
-    if cfg.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    return model
+    return load_base_model(cfg, data.model_source, data.model_config.model_type,
+                           base.attn_implementation, cuda)
 
 
 def make_trainer(cfg: TrainJob, data: Tokenised, model: Any, out: Path, cuda: bool) -> Any:
@@ -348,7 +367,10 @@ def find_checkpoint(cfg: TrainJob, data: Tokenised, out: Path,
         "eval": _digest(data.rows(data.eval_idx)),
         "settings": cfg.model_dump(mode="json", include={
             "lora", "qlora", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum",
-            "max_seq_len", "seed", "save_steps"}),
+            "max_seq_len", "seed", "save_steps"}
+            # only when on: checkpoints of runs from before rag_share still resume
+            | ({"rag_share", "rag_k", "rag_keep_plain"} if cfg.rag_share > 0 else set())
+            | ({"processes", "distributed"} if cfg.processes > 1 else set())),
     }
     resume, notes = prepare_checkpoints(out / "checkpoints", fingerprint)
     for message in notes:
@@ -388,6 +410,21 @@ def train(cfg: TrainJob, ctx: JobContext, trainer: Any, resume: Path | None, dat
             summary["eval_loss"] = round(float(metrics["eval_loss"]), 4)
             yield ev.metric("eval_loss", metrics["eval_loss"], step=state.global_step,
                             stage="train")
+
+
+def train_in_processes(cfg: TrainJob, ctx: JobContext, base: HFVariant, data: Tokenised,
+                       out: Path, cuda: bool, summary: dict[str, Any]) -> Generator[Event, None, Any]:
+    """`processes` > 1: the checkpoint to resume from chosen here, then the trainer built
+    and run in that many processes from the rows tokenised here (trainer_loop); returns
+    what save_and_register saves from (the adapter rank 0 wrote)."""
+    from pipelines.jobs import trainer_loop
+
+    resume = yield from find_checkpoint(cfg, data, out, summary)
+    spec = {"model_source": str(data.model_source), "model_type": data.model_config.model_type,
+            "attn_implementation": base.attn_implementation,
+            "train_rows": data.rows(data.train_idx), "eval_rows": data.rows(data.eval_idx)}
+    return (yield from trainer_loop.train_in_processes(cfg, ctx, "train", out, resume, cuda,
+                                                       spec, len(data.train_idx), summary))
 
 
 # --- save and register ------------------------------------------------------------------

@@ -508,6 +508,16 @@ def plan_train(cfg: Any, model_dir: str, base_dir: Path | None = None,
     if cuda:
         plan.host.append(Term("runtime", RUNTIME_TORCH, "Python, torch, transformers, TRL"))
         plan.host.append(Term("loading copy", int(m.bytes), "weights pass through host RAM"))
+    processes = getattr(cfg, "processes", 1)
+    if processes > 1:
+        # each process holds all of the above for its share of the batch: on CUDA one GPU
+        # each (the GPU terms are per GPU), the host N runtimes; on the CPU the host N of
+        # everything (the job compares one process's estimate with a 1/N share of RAM)
+        plan.notes.append(f"{processes} processes: batch {cfg.batch_size // processes} each; "
+                          + ("the GPU terms are per GPU" if cuda else "the host holds them all"))
+        plan.host = [Term(t.name, t.bytes * processes, f"{t.note}, x{processes} processes"
+                          .lstrip(", "), None if t.floor is None else t.floor * processes)
+                     for t in plan.host]
     effective = cfg.grad_accum * cfg.batch_size
     plan.remedies = {
         "activations": f"batch_size 1 with grad_accum {effective}, or a shorter max_seq_len",

@@ -38,11 +38,15 @@ FINGERPRINT = "kyara-fingerprint.json"
 def common_arguments(cfg: Any, out: Path, cuda: bool, has_eval: bool) -> dict[str, Any]:
     """The training arguments the train and prefer jobs set alike, from the fields their
     configs share: batches, schedule, checkpoints every save_steps under out/checkpoints
-    (evaluated there too when there are eval rows), precision and device, seeds."""
+    (evaluated there too when there are eval rows), precision and device, seeds.
+    `batch_size` is the global batch of a step: with `processes` > 1 (training under
+    Accelerate, pipelines/jobs/distributed_worker.py) each process takes an equal share, so
+    the run sees the same batches whatever the number of processes."""
+    per_process = cfg.batch_size // getattr(cfg, "processes", 1)
     return dict(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_process,
+        per_device_eval_batch_size=per_process,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
@@ -65,7 +69,18 @@ def common_arguments(cfg: Any, out: Path, cuda: bool, has_eval: bool) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_only_model=False,
+        **fsdp_arguments(cfg),
     )
+
+
+def fsdp_arguments(cfg: Any) -> dict[str, Any]:
+    """`distributed: fsdp` with several processes: the model's layers sharded across them
+    (CUDA only; the job refuses it on the CPU). DDP, the default, needs no arguments: the
+    Trainer wraps the model in DDP whenever it runs in several processes."""
+    if getattr(cfg, "processes", 1) < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"use_orig_params": True}}  # LoRA: frozen and trained in one unit
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -170,6 +185,14 @@ class KyaraSFTTrainer(SFTTrainer):
         self.tokens_seen = 0
         self.fast_loss = _accepts_logits_to_keep(self.model)
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if self.args.world_size > 1 and hasattr(sampler, "batch_size"):
+            # group_by_length groups by the batch of a step, which is all the processes'
+            # shares together: the same groups, so the same batches, as in one process
+            sampler.batch_size *= self.args.world_size
+        return sampler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "attention_mask" in inputs:
             self.tokens_seen += int(inputs["attention_mask"].sum())
@@ -187,6 +210,11 @@ class KyaraSFTTrainer(SFTTrainer):
         total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
         count = targets.numel() if num_items_in_batch is None else num_items_in_batch
         loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
+        if (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                and self.accelerator.num_processes > 1):
+            # num_items_in_batch counts every process's tokens and DDP averages the
+            # gradients: scaled back, as the Trainer's own compute_loss does
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 

@@ -331,7 +331,7 @@ def test_retrieval_on_indexes_once_and_carries_the_facts(env, server):
     final = events[-1]
     assert final.type == "done", final
     logs = " ".join(e.message or "" for e in events if e.type == "log")
-    assert "not indexed; indexing knowledge.jsonl" in logs
+    assert "not indexed; indexed knowledge.jsonl" in logs
     out = Path(final.summary["output"])
     replies = {(r["combo"], r["question_id"]): r for r in map(
         json.loads, (out / "replies.jsonl").read_text(encoding="utf-8").splitlines())}

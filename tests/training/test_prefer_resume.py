@@ -3,9 +3,7 @@ killed once a complete checkpoint exists; the next run of the same job goes on f
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 import pytest
 import yaml
@@ -13,7 +11,7 @@ import yaml
 from pipelines.events import iter_events
 from pipelines.training.trainer import COMPLETE
 from tests.training.prefer_helpers import pair_rows, prefer_job, write_rows
-from tests.training.test_resume import start
+from tests.training.test_resume import kill_after_a_checkpoint, start
 
 
 @pytest.mark.slow
@@ -40,16 +38,7 @@ def test_prefer_resumes_after_sigkill(train_configs, tmp_path, on_sft):
     checkpoints = out / "checkpoints"
 
     first = start(cfg_path, tmp_path / "run1", train_configs)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(checkpoints.glob(f"checkpoint-*/{COMPLETE}")):
-            assert first.poll() is None, "the process ended before a checkpoint"
-            assert time.monotonic() < deadline, "no complete checkpoint within 240 s"
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    kill_after_a_checkpoint(first, checkpoints)
     assert first.returncode == -signal.SIGKILL
     done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob(f"*/{COMPLETE}"))
     assert done and done[-1] < 300

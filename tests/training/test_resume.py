@@ -26,6 +26,25 @@ def start(cfg_path, run_dir, configs) -> subprocess.Popen:
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
 
 
+def kill_after_a_checkpoint(proc: subprocess.Popen, checkpoints, group: bool = True) -> None:
+    """SIGKILL `proc` (its process group, or the job's process alone) once a complete
+    checkpoint is there and training has gone on into the next steps: the kill lands
+    mid-training."""
+    try:
+        deadline = time.monotonic() + 240
+        while not list(checkpoints.glob(f"checkpoint-*/{COMPLETE}")):
+            assert proc.poll() is None, "the job ended before a checkpoint"
+            assert time.monotonic() < deadline, "no complete checkpoint within 240 s"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill(train_configs, tmp_path):
     job = train_job(name="resume-tiny", max_steps=400, save_steps=5, batch_size=2,
@@ -36,16 +55,7 @@ def test_resume_after_sigkill(train_configs, tmp_path):
     checkpoints = tmp_path / "home" / "runs" / "resume-tiny" / "checkpoints"
 
     first = start(cfg_path, tmp_path / "run1", train_configs)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(checkpoints.glob(f"checkpoint-*/{COMPLETE}")):
-            assert first.poll() is None, "the training process ended before a checkpoint"
-            assert time.monotonic() < deadline, "no complete checkpoint within 240 s"
-            time.sleep(0.05)
-        time.sleep(0.5)  # let it go on into the next steps: the kill lands mid-training
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    kill_after_a_checkpoint(first, checkpoints)
     assert first.returncode == -signal.SIGKILL
     done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob(f"*/{COMPLETE}"))
     assert done, "a complete checkpoint must exist"

@@ -1,0 +1,243 @@
+"""The train job in two CPU processes (Accelerate, DDP over gloo) on a tiny model, for real:
+the loss curve is the one-process run's at the same global batch, the adapter loads in plain
+PEFT, only rank 0 writes, a killed run resumes, a cancel stops the processes after a
+checkpoint; and the memory planner's per-process share."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, parse_job
+from pipelines.events import iter_events
+from pipelines.jobs import JobCancelled, JobContext, get_job
+from pipelines.training.trainer import COMPLETE
+from pipelines.workspace import Workspace
+from tests.training.conftest import train_job
+from tests.training.test_resume import kill_after_a_checkpoint, start
+
+# Measured on this CPU (tiny Gemma-2, 6 steps, batch 4 = 2 x 2, fp32): the two runs' training
+# losses differ by at most 9.5e-7 (float summation order: DDP all-reduces the gradients in
+# another order than one process sums them); the bound leaves room for other BLAS builds.
+LOSS_TOLERANCE = 1e-3
+# The eval loss is the Trainer's mean of per-batch means, and a process's eval batch is its
+# share (2 examples, not 4): measured 2.9e-3 apart (of 8.43) for the same weights.
+EVAL_TOLERANCE = 1e-2
+
+
+def run_job(configs, tmp_path, run="run", **changes):
+    ws = Workspace.load(configs)
+    cfg = parse_job(train_job(**changes), "test")
+    ctx = JobContext.create(ws, tmp_path / run)
+    return list(get_job("train").run(cfg, ctx)), ctx
+
+
+def losses(events) -> dict[int, float]:
+    return {e.step: e.value for e in events if e.type == "metric" and e.name == "loss"}
+
+
+def test_batch_must_split_among_processes():
+    with pytest.raises(ConfigError, match="does not split evenly"):
+        parse_job(train_job(batch_size=3, processes=2), "test")
+
+
+def test_fsdp_is_refused_on_the_cpu(train_configs, tmp_path):
+    with pytest.raises(ConfigError, match="fsdp"):
+        run_job(train_configs, tmp_path, processes=2, distributed="fsdp", eval_questions=0)
+
+
+def test_a_failed_launch_is_one_line_naming_the_log(train_configs, tmp_path, monkeypatch):
+    from pipelines.jobs import trainer_loop
+
+    monkeypatch.setattr(trainer_loop, "launch_command", lambda n, folder: [
+        sys.executable, "-c", "import sys; print('RuntimeError: rank 1 ran out of memory'); "
+        "sys.exit(3)"])
+    with pytest.raises(trainer_loop.WorkerFailed) as caught:
+        run_job(train_configs, tmp_path, processes=2, eval_questions=0)
+    message = str(caught.value)
+    assert "exit 3" in message and "rank 1 ran out of memory" in message
+    assert "worker.log" in message and "\n" not in message
+
+
+def test_the_memory_estimate_is_one_process_share(train_configs, tiny_gemma):
+    """Each process holds its share of the batch: the estimate of batch 8 in 2 processes
+    is that of batch 4 in one; the refusal is against one device, and its suggestion is a
+    global batch_size that still splits among the processes."""
+    from pipelines.merge.planner import model_shape
+    from pipelines.training import memory
+
+    ws = Workspace.load(train_configs)
+    two = parse_job(train_job(batch_size=8, processes=2), "test")
+    half = parse_job(train_job(batch_size=4), "test")
+    shape = model_shape(tiny_gemma)
+    sizes = memory.sizes_from_files(two, ws, tiny_gemma)
+    est = memory.train_estimate(two, shape, sizes, cuda=True)
+    assert est.total == memory.train_estimate(half, shape, sizes, cuda=True).total
+    whole = parse_job(train_job(batch_size=8), "test")
+    assert est.total < memory.train_estimate(whole, shape, sizes, cuda=True).total
+    # a GPU with room for batch 2 a process, not 4: try batch_size 4 (2 each), grad_accum 2
+    room = memory.train_estimate(half, shape, sizes, cuda=True, batch=2).total / memory.MARGIN
+    gpu = memory.Device("cuda", "one GPU", room * 1.001, room * 2)
+    why = memory.refusal(two, shape, sizes, gpu)
+    assert why is not None and "try batch_size: 4, grad_accum: 2" in why, why
+
+
+def test_kyara_plan_counts_every_process(train_configs, tiny_gemma):
+    """`kyara plan`: on the CPU the host holds every process (the job compares one
+    process's estimate with a 1/N share of RAM: the same verdict); on CUDA the GPU terms
+    are one GPU's and the host holds N runtimes."""
+    from pipelines.merge.planner import plan_train
+
+    ws = Workspace.load(train_configs)
+    two = parse_job(train_job(batch_size=8, processes=2), "test")
+    half = parse_job(train_job(batch_size=4), "test")
+    cpu_two = plan_train(two, str(tiny_gemma), device="cpu", workspace=ws)
+    cpu_half = plan_train(half, str(tiny_gemma), device="cpu", workspace=ws)
+    assert [t.bytes for t in cpu_two.host] == [2 * t.bytes for t in cpu_half.host]
+    assert any("2 processes: batch 4 each" in n for n in cpu_two.notes)
+    gpu_two = plan_train(two, str(tiny_gemma), device="cuda", workspace=ws)
+    gpu_half = plan_train(half, str(tiny_gemma), device="cuda", workspace=ws)
+    assert [t.bytes for t in gpu_two.gpu] == [t.bytes for t in gpu_half.gpu]
+    assert [t.bytes for t in gpu_two.host] == [2 * t.bytes for t in gpu_half.host]
+
+
+def test_two_processes_match_one(train_configs, tmp_path):
+    """Same job, same global batch (batch_size 4: one process of 4, two of 2 each), on 8
+    training examples: two full batches an epoch (a last, partial batch is filled up from
+    the epoch's start in each process, as Accelerate does, and differs)."""
+    common = dict(max_steps=6, save_steps=3, batch_size=4, eval_fraction=0.3,
+                  eval_questions=1, eval_max_new_tokens=4)
+    one, _ = run_job(train_configs, tmp_path / "one", name="one", **common)
+    two, ctx = run_job(train_configs, tmp_path / "two", name="two", processes=2, **common)
+    assert two[-1].type == "done", two[-1]
+    stages = [e.stage for e in two if e.type == "stage"]
+    assert stages == ["data", "model", "memory", "train", "save", "eval"]
+
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    worst = max(abs(a[s] - b[s]) for s in a)
+    print(f"largest loss difference, 1 vs 2 processes: {worst:.2e}")
+    assert worst < LOSS_TOLERANCE, (a, b)
+    summary = two[-1].summary
+    assert summary["steps"] == 6 and summary["processes"] == 2
+    assert abs(summary["eval_loss"] - one[-1].summary["eval_loss"]) < EVAL_TOLERANCE
+
+    # rank 0 alone wrote: each step's progress once, one set of checkpoints with the
+    # marker, the model and optimizer once; each rank's own RNG state beside them
+    steps = [e.current for e in two if e.type == "progress" and e.stage == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    out = ctx.home / "runs" / "two"
+    for step in (3, 6):
+        folder = out / "checkpoints" / f"checkpoint-{step}"
+        assert (folder / COMPLETE).is_file()
+        assert sorted(p.name for p in folder.glob("rng_state*")) == [
+            "rng_state_0.pth", "rng_state_1.pth"]
+        assert len(list(folder.glob("optimizer*"))) == 1
+    memory = next(e.message for e in two if e.type == "log" and "memory estimate" in e.message)
+    assert "each of 2 processes, batch 2" in memory
+
+    # the adapter, copied from rank 0's, loads in plain PEFT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(yaml.safe_load(
+        (train_configs / "models" / "tiny-gemma.yaml").read_text())["model"])
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert summary["mini_eval"]["after"]["n"] == 1
+
+
+def _ranks_of(folder) -> list[int]:
+    """The pids of worker processes whose command line names `folder`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmd = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            if "distributed_worker" in cmd and str(folder) in cmd:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_sigkill(train_configs, tmp_path):
+    """The job (parent) killed with SIGKILL alone: its ranks go too; the next run resumes
+    from the last complete checkpoint, in two processes again."""
+    job = train_job(name="resume-ddp", max_steps=400, save_steps=4, batch_size=2,
+                    processes=2, eval_fraction=0.0, eval_questions=0, keep_checkpoints=3)
+    cfg_path = train_configs / "jobs" / "resume-ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(job, allow_unicode=True, sort_keys=False),
+                        encoding="utf-8")
+    out = tmp_path / "home" / "runs" / "resume-ddp"
+    checkpoints = out / "checkpoints"
+
+    first = start(cfg_path, tmp_path / "run1", train_configs)
+    kill_after_a_checkpoint(first, checkpoints, group=False)  # the job's process alone
+    deadline = time.monotonic() + 60
+    while _ranks_of(out / "distributed"):
+        assert time.monotonic() < deadline, "the ranks outlived the killed job by 60 s"
+        time.sleep(0.2)
+    done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob(f"*/{COMPLETE}"))
+    last = done[-1]
+    assert last < 400
+
+    second = start(cfg_path, tmp_path / "run2", train_configs)
+    assert second.wait(timeout=300) == 0
+    events = list(iter_events(tmp_path / "run2" / "events.jsonl"))
+    assert events[-1].type == "done", events[-1]
+    assert f"resuming from checkpoint-{last}" in [e.message for e in events if e.type == "log"]
+    progress = [e.current for e in events if e.type == "progress" and e.stage == "train"]
+    assert progress[0] == last and progress[-1] == 400
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cancel_stops_the_processes_after_a_checkpoint(train_configs, tmp_path):
+    ws = Workspace.load(train_configs)
+    cfg = parse_job(train_job(name="cancel-ddp", max_steps=400, save_steps=50, batch_size=2,
+                              processes=2, eval_fraction=0.0, eval_questions=0), "test")
+    ctx = JobContext.create(ws, tmp_path / "run")
+    seen = []
+    with pytest.raises(JobCancelled):
+        for event in get_job("train").run(cfg, ctx):
+            seen.append(event)
+            if event.type == "progress" and event.stage == "train" and event.current >= 2:
+                threading.Thread(target=ctx.cancel).start()
+    out = ctx.home / "runs" / "cancel-ddp"
+    assert not _ranks_of(out / "distributed")
+    marked = list((out / "checkpoints").glob(f"checkpoint-*/{COMPLETE}"))
+    assert len(marked) == 1  # saved at the step it stopped on, not at save_steps
+    assert json.loads(marked[0].read_text())["step"] < 50
+
+
+def test_dpo_in_two_processes_matches_one(train_configs, tmp_path, tiny_gemma):
+    """The prefer job through the same path: DPO at batch 2 (1 + 1), the same losses."""
+    from tests.training.prefer_helpers import pair_rows, prefer_job, write_rows
+
+    data = write_rows(tmp_path / "prefs.jsonl", pair_rows())
+    ws = Workspace.load(train_configs)
+    runs = {}
+    for processes in (1, 2):
+        cfg = parse_job(prefer_job(name=f"dpo-{processes}", data=str(data), max_steps=3,
+                                   eval_questions=0, processes=processes), "test")
+        ctx = JobContext.create(ws, tmp_path / f"run{processes}")
+        runs[processes] = list(get_job("prefer").run(cfg, ctx))
+    one, two = runs[1], runs[2]
+    assert two[-1].type == "done", two[-1]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    worst = max(abs(a[s] - b[s]) for s in a)
+    print(f"DPO: largest loss difference, 1 vs 2 processes: {worst:.2e}")
+    assert worst < LOSS_TOLERANCE, (a, b)
+    assert "reward_margin" in {e.name for e in two if e.type == "metric"}
+    from tests.training.test_prefer_job import assert_plain_peft
+
+    assert_plain_peft(ctx.home / "runs" / "dpo-2" / "adapter", tiny_gemma)
