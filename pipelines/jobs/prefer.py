@@ -171,14 +171,11 @@ def tokenise(cfg: PreferJob, ctx: JobContext, base: HFVariant, persona: Persona,
     model_source, note = ensure_base_files(ctx, cfg, base)
     if note:
         yield ev.log(note)
-    from transformers import AutoConfig, AutoTokenizer
+    from pipelines.training.examples import load_chat_format
 
-    from pipelines.training.examples import chat_template_for, terminator
-
-    tokenizer = AutoTokenizer.from_pretrained(model_source)
-    model_config = AutoConfig.from_pretrained(model_source)
-    template = chat_template_for(tokenizer, model_config.model_type)
-    end_text, end_id = terminator(tokenizer, template)
+    fmt = load_chat_format(model_source)
+    tokenizer, model_config, template = fmt.tokenizer, fmt.model_config, fmt.template
+    end_text, end_id = fmt.end_text, fmt.end_id
     start = start_adapter(cfg, base, ctx.home)
     summary["start_adapter"] = str(start) if start else None
     if start is not None:

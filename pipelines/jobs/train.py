@@ -237,14 +237,11 @@ def tokenise(cfg: TrainJob, ctx: JobContext, base: HFVariant, persona: Persona,
     model_source, note = ensure_base_files(ctx, cfg, base)
     if note:
         yield ev.log(note)
-    from transformers import AutoConfig, AutoTokenizer
+    from pipelines.training.examples import load_chat_format, tokenize, with_system
 
-    from pipelines.training.examples import chat_template_for, terminator, tokenize, with_system
-
-    tokenizer = AutoTokenizer.from_pretrained(model_source)
-    model_config = AutoConfig.from_pretrained(model_source)
-    template = chat_template_for(tokenizer, model_config.model_type)
-    end_text, end_id = terminator(tokenizer, template)
+    fmt = load_chat_format(model_source)
+    tokenizer, model_config, template = fmt.tokenizer, fmt.model_config, fmt.template
+    end_text, end_id = fmt.end_text, fmt.end_id
     system = persona.prompts.system if cfg.system_prompt else None
     examples = [tokenize(tokenizer, template, with_system(r["messages"], system), cfg.max_seq_len,
                          end_text)

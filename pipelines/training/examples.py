@@ -79,6 +79,34 @@ def terminator(tokenizer: Any, template: str) -> tuple[str, int]:
     return tokenizer.eos_token, tokenizer.eos_token_id
 
 
+@dataclass
+class ChatFormat:
+    """What a train or prefer job tokenises with: the base model's tokenizer and config,
+    its chat template and the token that ends an assistant turn."""
+
+    tokenizer: Any
+    model_config: Any
+    template: str
+    end_text: str
+    end_id: int
+
+
+def load_chat_format(model_dir: Any) -> ChatFormat:
+    """The ChatFormat of a model folder; ConfigError (one line) when its tokenizer or
+    config cannot be loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model_config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{model_dir}: cannot load the tokenizer: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
+    template = chat_template_for(tokenizer, model_config.model_type)
+    end_text, end_id = terminator(tokenizer, template)
+    return ChatFormat(tokenizer, model_config, template, end_text, end_id)
+
+
 def with_system(messages: Sequence[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
     """The conversation as the console sends it: the persona's system prompt first, unless
     the conversation brings its own."""

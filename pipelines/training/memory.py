@@ -187,21 +187,11 @@ def _chat_format(cfg: Any, workspace: Any, model_dir: str | Path) -> tuple[Any, 
                                                                           str | None]:
     """The base model's tokenizer, chat template and turn terminator, and the persona's
     system prompt when the job prepends it: what a train or prefer job tokenises with."""
-    from transformers import AutoConfig, AutoTokenizer
+    from pipelines.training.examples import load_chat_format
 
-    from pipelines.config import ConfigError
-    from pipelines.training.examples import chat_template_for, terminator
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{model_dir}: cannot load the tokenizer: "
-                          f"{' '.join(str(exc).split())[:200]}") from None
-    template = chat_template_for(tokenizer, model_type)
-    end_text, _ = terminator(tokenizer, template)
+    fmt = load_chat_format(model_dir)
     system = workspace.persona(cfg.persona).prompts.system if cfg.system_prompt else None
-    return tokenizer, template, end_text, system
+    return fmt.tokenizer, fmt.template, fmt.end_text, system
 
 
 def rag_bound_prompt(cfg: Any, workspace: Any) -> str:
