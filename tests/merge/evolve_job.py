@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -60,6 +62,19 @@ def run_job(configs: Path, run_dir: Path, data: dict) -> list:
 def records(folder: Path) -> list[dict]:
     lines = (folder / "evaluations.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
+
+
+def kill_after_evaluations(proc: subprocess.Popen, log: Path, n: int = 3) -> None:
+    """SIGKILL the job's process group once `log` (evaluations.jsonl) holds `n` records."""
+    try:
+        deadline = time.monotonic() + 240
+        while not log.exists() or log.read_bytes().count(b"\n") < n:
+            assert proc.poll() is None, f"the job ended before {n} evaluations"
+            assert time.monotonic() < deadline, f"no {n} evaluations within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def start_job(cfg_path: Path, run_dir: Path, configs: Path, **env: str) -> subprocess.Popen:

@@ -21,7 +21,15 @@ from pipelines.merge.inmemory import InMemoryMerger, SourceIndex
 from pipelines.merge.merge import run_merge, validate_merge_config
 from pipelines.workspace import Workspace
 from tests.judge.scripted_judge_server import Reply, ScriptedServer
-from tests.merge.evolve_job import KEY_ENV, job_dict, records, run_job, start_job, write_configs
+from tests.merge.evolve_job import (
+    KEY_ENV,
+    job_dict,
+    kill_after_evaluations,
+    records,
+    run_job,
+    start_job,
+    write_configs,
+)
 from tests.merge.models import make_model
 
 # --- merge math -------------------------------------------------------------------------
@@ -283,9 +291,7 @@ def test_capability_check_is_a_fitness_term(models, configs, tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill_repeats_nothing_and_matches_an_uninterrupted_run(
         models, configs, tmp_path):
-    import os
     import signal
-    import time
 
     from pipelines.events import iter_events
 
@@ -296,15 +302,7 @@ def test_resume_after_sigkill_repeats_nothing_and_matches_an_uninterrupted_run(
 
     first = start_job(cfg_path, tmp_path / "run1", configs)
     log = search / "evaluations.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not log.exists() or log.read_bytes().count(b"\n") < 3:
-            assert first.poll() is None, "the job ended before 3 evaluations"
-            assert time.monotonic() < deadline, "no 3 evaluations within 240 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    kill_after_evaluations(first, log)
     assert first.returncode == -signal.SIGKILL
     kept = log.read_bytes().count(b"\n")
     assert 3 <= kept < 12

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipelines.events import iter_events
-from tests.merge.evolve_job import job_dict, records, run_job, start_job
+from tests.merge.evolve_job import job_dict, kill_after_evaluations, records, run_job, start_job
 
 pytest.importorskip("ray", reason="the ray extra (kyara[ray]) is not installed")
 
@@ -123,15 +123,7 @@ def test_driver_killed_on_a_ray_cluster_resumes_without_repeats(head, models, co
 
     first = start_job(cfg_path, tmp_path / "run1", configs, **env)
     log = search / "evaluations.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not log.exists() or log.read_bytes().count(b"\n") < 3:
-            assert first.poll() is None, "the job ended before 3 evaluations"
-            assert time.monotonic() < deadline, "no 3 evaluations within 240 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver only: the cluster is elsewhere
-        first.wait()
+    kill_after_evaluations(first, log)  # the driver only: the cluster is elsewhere
     assert first.returncode == -signal.SIGKILL
     kept = log.read_bytes().count(b"\n")
     assert 3 <= kept < 12
