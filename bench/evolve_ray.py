@@ -5,6 +5,12 @@ against the 1-actor run of the same invocation.
 
     .venv/bin/python bench/evolve_ray.py [--hidden 512] [--layers 6] [--population 4]
                                          [--generations 3] [--rounds 1] [--cpus 2]
+    python bench/evolve_ray.py --device cuda --modes "ray 1,ray 2" --hidden 2048 --layers 16
+                                         # one actor per GPU (bench/gpu/multi_gpu.sh)
+
+With `--device cuda` each actor takes one GPU (Ray sets its CUDA_VISIBLE_DEVICES), the
+models are merged and run in bfloat16, and each process's GPU memory is read from
+nvidia-smi.
 
 A local Ray is started with `--cpus` CPUs (one per actor on the CPU: Ray then runs each
 actor's torch on one thread). Three random Llama-shaped models (bf16 on disk, merged and run
@@ -36,6 +42,24 @@ def proc_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def gpu_mib() -> dict[int, int]:
+    """GPU memory (MiB) per process id, from nvidia-smi; empty where it is not at hand."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, check=False,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found: dict[int, int] = {}
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and mib.strip().isdigit():
+            found[int(pid)] = found.get(int(pid), 0) + int(mib)
+    return found
 
 
 def _burn(n: int) -> float:
@@ -103,8 +127,9 @@ def run_mode(mode: str, cfg, space, batches, configs: Path) -> dict:
             for index, record in evaluate(batch):
                 fitness[index] = record["fitness"]
             seconds.append(time.perf_counter() - t)
+        gpu = gpu_mib() if cfg.options.device == "cuda" else {}
         memory = [{"rss": proc_kib(p, "VmRSS"), "anon": proc_kib(p, "RssAnon"),
-                   "hwm": proc_kib(p, "VmHWM")} for p in pids]
+                   "hwm": proc_kib(p, "VmHWM"), "gpu": gpu.get(p)} for p in pids]
     finally:
         if evaluator is not None:
             evaluator.close()
@@ -128,6 +153,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="each mode this many times")
     parser.add_argument("--modes", default="ray 1,ray 2,plain,plain 1t")
     parser.add_argument("--cpus", type=int, default=2, help="the local Ray's CPUs")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: one GPU per actor, bfloat16")
     args = parser.parse_args()
     folder = args.dir or Path(tempfile.gettempdir()) / (
         f"kyara-evolve-ray-bench-{args.hidden}x{args.layers}x{args.vocab}")
@@ -145,14 +172,17 @@ def main() -> None:
     from pipelines.config import EvolveJob
     from pipelines.merge.evolve import SearchSpace, resolve_sources
 
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+
     cfg = EvolveJob(job="evolve", name="bench", method="linear", models=[str(m) for m in models],
-                    options={"device": "cpu", "dtype": "float32"},
+                    options={"device": args.device, "dtype": dtype},
                     fitness={"judge": 0, "style": 1}, questions_limit=args.questions,
                     max_new_tokens=args.tokens, batch_size=args.questions,
                     population=args.population, generations=args.generations)
-    space = SearchSpace.build(cfg, *resolve_sources(cfg, None), "float32")
+    space = SearchSpace.build(cfg, *resolve_sources(cfg, None), dtype)
     batches = candidates(space, args.population, args.generations)
-    model_mib = 2 * (models[0] / "model.safetensors").stat().st_size / 2**20  # bf16 -> fp32
+    model_mib = (models[0] / "model.safetensors").stat().st_size / 2**20  # bf16 on disk
+    model_mib *= 1 if args.device == "cuda" else 2                            # fp32 on the CPU
     temp = tempfile.mkdtemp(prefix="kyara-ray-")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     load_before = os.getloadavg()
@@ -168,7 +198,7 @@ def main() -> None:
     capacity.append(parallel_capacity())
 
     print(f"models {args.hidden} x {args.layers} layers, vocab {args.vocab}: resident "
-          f"{model_mib:.0f} MiB fp32; {args.population} candidates x {args.generations} "
+          f"{model_mib:.0f} MiB {dtype}; {args.population} candidates x {args.generations} "
           f"generations, {args.questions} questions x {args.tokens} tokens; Ray {args.cpus} "
           f"CPUs; torch threads in this process {torch.get_num_threads()}; load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")
@@ -188,6 +218,7 @@ def main() -> None:
     for r in results:
         gens = " ".join(f"{s:.2f}" for s in r["seconds"])
         mem = "; ".join(f"{m['rss'] / 1024:.0f} ({m['anon'] / 1024:.0f}, {m['hwm'] / 1024:.0f})"
+                        + (f" GPU {m['gpu']}" if m.get("gpu") is not None else "")
                         for m in r["memory"])
         mean = per_generation(r)
         print(f"{r['mode']:<9}{r['load']:>8.1f}{gens:>36}{mean:>7.2f}{baseline / mean:>10.2f}x"

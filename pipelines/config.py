@@ -538,10 +538,15 @@ class LoraSettings(Strict):
 
 
 def _check_processes(job: Any) -> None:
-    """batch_size is the global batch of one step: each of `processes` takes an equal share."""
+    """batch_size is the global batch of one step: each of `processes` takes an equal share.
+    FSDP does not shard 4-bit weights (Accelerate leaves bitsandbytes' uint8 storage whole
+    on every GPU), so qlora with fsdp would save nothing over DDP: refused."""
     if job.batch_size % job.processes:
         raise ValueError(f"batch_size: {job.batch_size} does not split evenly among "
                          f"{job.processes} processes (each takes batch_size / processes)")
+    if job.qlora and job.processes > 1 and job.distributed == "fsdp":
+        raise ValueError("qlora with distributed: fsdp: FSDP leaves the 4-bit weights whole "
+                         "on every GPU; use distributed: ddp (or qlora: false to shard)")
 
 
 class TrainJob(Strict):

@@ -6,13 +6,20 @@ against the job's own estimate, for each mode.
     python bench/gpu/train_gemma2_2b.py --random TOKENIZER_DIR  # same shapes, random weights
     python bench/gpu/train_gemma2_2b.py --random tiny           # ... and a small BPE tokenizer
     python bench/gpu/train_gemma2_2b.py --modes lora --steps 20 --batch 8 --max-len 512
+    python bench/gpu/train_gemma2_2b.py --random tiny --modes lora,lora-ddp,lora-fsdp \
+        --processes 2                  # several GPUs: the same global batch in 2 processes
 
 Written for the lab's RTX 3090 (24 GB); figures pending. `--random` needs no download:
 throughput and memory depend on the shapes, not the weights (give it any Gemma tokenizer
 folder, e.g. <KYARA_HOME>/models/gemma-3-270m-hf). QLoRA needs bitsandbytes.
 
 The job runs in this process with a store stand-in (no LanceDB needed), through the same
-`run(cfg, ctx)` the runner calls.
+`run(cfg, ctx)` the runner calls. A mode `<lora|qlora>-<ddp|fsdp>` trains in `--processes`
+processes, one GPU each (`accelerate launch`, as the job does with `processes:`), at the
+same global batch: its tokens/s is printed against the one-process mode of the same run
+when that mode ran first, its peak is rank 0's GPU, its estimate one GPU's. The 24 GiB cap
+holds this process only: the ranks are their own processes, so their peak is printed, not
+capped.
 """
 
 from __future__ import annotations
@@ -115,14 +122,17 @@ def job_context(model: str, home: Path, name: str):
     return JobContext.create(ws, home / f"run-{name}", store=NullStore())
 
 
-def run_mode(model: str, mode: str, steps: int, batch: int, max_len: int, home: Path) -> dict:
+def run_mode(model: str, mode: str, steps: int, batch: int, max_len: int, home: Path,
+             processes: int = 1) -> dict:
     import torch
 
     from pipelines.config import parse_job
     from pipelines.jobs import get_job
 
+    kind, _, distributed = mode.partition("-")
+    several = {"processes": processes, "distributed": distributed} if distributed else {}
     cfg = parse_job({"job": "train", "name": f"gpu-{mode}", "persona": "ayane",
-                     "base": "gpu-base", "qlora": mode == "qlora", "max_steps": steps,
+                     "base": "gpu-base", "qlora": kind == "qlora", "max_steps": steps, **several,
                      "batch_size": batch, "max_seq_len": max_len, "learning_rate": 2e-4,
                      "eval_fraction": 0.05, "save_steps": max(steps, 1), "logging_steps": 5,
                      "eval_questions": 16, "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
@@ -150,21 +160,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--cap", type=float, default=24.0, help="GiB; 0: no cap")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="processes (GPUs) of the -ddp / -fsdp modes")
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    several = [m for m in args.modes.split(",") if "-" in m]
+    if several and torch.cuda.device_count() < args.processes:
+        sys.exit(f"modes {', '.join(several)} need {args.processes} GPUs; "
+                 f"{torch.cuda.device_count()} visible")
     cap_gpu(args.cap)
     home = Path(tempfile.mkdtemp(prefix="kyara-gpu-"))
     model = args.model
     if args.random:
         model = str(random_model(args.random, home / "gemma2-2b-random"))
     print(f"{torch.cuda.get_device_name()}, model {model}")
+    single: dict[str, float] = {}
     for mode in args.modes.split(","):
-        r = run_mode(model, mode, args.steps, args.batch, args.max_len, home)
-        print(f"{mode:6} {r['tokens_per_s']} tokens/s, {r['s_per_step']:.2f} s/step, peak "
-              f"{r['peak_gb']:.2f} GiB vs estimate {r['estimate_gb']} GiB, eval_loss "
+        r = run_mode(model, mode, args.steps, args.batch, args.max_len, home, args.processes)
+        kind = mode.partition("-")[0]
+        if mode == kind and r["tokens_per_s"]:
+            single[kind] = r["tokens_per_s"]
+        ratio = (f" ({r['tokens_per_s'] / single[kind]:.2f}x {kind} in one process)"
+                 if mode != kind and kind in single and r["tokens_per_s"] else "")
+        print(f"{mode:10} {r['tokens_per_s']} tokens/s{ratio}, {r['s_per_step']:.2f} s/step, "
+              f"peak {r['peak_gb']:.2f} GiB vs estimate {r['estimate_gb']} GiB, eval_loss "
               f"{r['eval_loss']}")
         if r["table"]:
             print(r["table"])

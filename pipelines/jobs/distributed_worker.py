@@ -72,6 +72,18 @@ def build_trainer(spec: dict[str, Any], out: Path) -> tuple[Any, Any]:
                              out, cuda)
 
 
+def save_adapter(kind: str, model: Any, folder: Path, state: dict[str, Any] | None) -> None:
+    """The trained adapter of `model` (a PEFT model) into `folder`, from `state` (a full
+    state dict gathered from FSDP's shards) when given, else from the model's own weights.
+    A prefer job saves only the trained adapter, not DPO / KTO's reference copy."""
+    if kind == "train":
+        model.save_pretrained(str(folder), state_dict=state)
+    else:
+        from pipelines.training.preference import save_adapter as save_trained
+
+        save_trained(model, folder, state)
+
+
 def _all_ranks(trainer: Any, value: float, op: str) -> float:
     """`value` reduced over the ranks (max or sum), on the device their backend speaks."""
     import torch
@@ -130,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=spec["resume"])
     seconds = time.perf_counter() - started
-    if (folder / CANCEL_FILE).exists():  # stopped after a checkpoint; the job says cancelled
-        return 0
+    if callback.stopped:  # after a checkpoint, on a cancel every rank saw at the same step
+        return 0          # (the file alone could appear between two ranks' looks at it)
     state = trainer.state
     result: dict[str, Any] = {
         "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
@@ -146,16 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             emit(ev.metric("eval_loss", metrics["eval_loss"], step=state.global_step,
                            stage="train"))
     result["tokens"] = _all_ranks(trainer, trainer.tokens_seen, "sum")
-    adapter = folder / ADAPTER_FOLDER
-    if cfg.distributed == "fsdp":
-        trainer.save_model(str(adapter))  # every rank: the shards are gathered to rank 0
-    elif rank0:
-        if spec["kind"] == "train":
-            trainer.model.save_pretrained(str(adapter))
-        else:
-            from pipelines.training.preference import save_adapter
-
-            save_adapter(trainer.model, adapter)
+    # FSDP: every rank takes part in gathering the full state dict (rank 0 receives it);
+    # DDP: rank 0's model is whole
+    state = trainer.accelerator.get_state_dict(trainer.model) if cfg.distributed == "fsdp" \
+        else None
+    if rank0:
+        save_adapter(spec["kind"], trainer.accelerator.unwrap_model(trainer.model),
+                     folder / ADAPTER_FOLDER, state)
     _barrier()
     if rank0:
         from pipelines.files import write_atomic

@@ -322,7 +322,7 @@ class _Session:
         if not isinstance(raw, bytes):
             raise BatchError(f"judge {self.judge.name}: {self.where} sent a malformed "
                              f"answer when asked to {what}")
-        return raw.decode("utf-8", "replace").splitlines()
+        return [line for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
 
     def _collect(self, batch: Any, todo: dict[str, list[Ask]]
                  ) -> tuple[dict[tuple[str, str], Verdict], list[str]]:

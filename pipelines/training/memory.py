@@ -281,11 +281,30 @@ def train_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
                                qlora=qlora)
     batch = per_process_batch(cfg) if batch is None else batch
     seq = sizes.seq_len if seq_len is None else min(seq_len, sizes.seq_len)
-    return estimate(shape, batch=batch, seq_len=seq, r=cfg.lora.r,
-                    dtype_bytes=2 if cuda else 4,
-                    qlora=cfg.qlora if qlora is None else qlora,
-                    trained_tokens=min(sizes.trained_per_example, seq) * batch, cuda=cuda,
-                    target_modules=cfg.lora.target_modules)
+    return fsdp_share(cfg, shape, estimate(
+        shape, batch=batch, seq_len=seq, r=cfg.lora.r, dtype_bytes=2 if cuda else 4,
+        qlora=cfg.qlora if qlora is None else qlora,
+        trained_tokens=min(sizes.trained_per_example, seq) * batch, cuda=cuda,
+        target_modules=cfg.lora.target_modules), cuda)
+
+
+def fsdp_share(cfg: Any, shape: ModelShape, est: Estimate, cuda: bool) -> Estimate:
+    """One GPU's part of `est` under `distributed: fsdp` (FSDP2, one unit per decoder
+    layer): its 1/N of the weights, the adapter and the optimizer, plus what is gathered
+    whole while it runs: the embeddings (the unit with the final norm and the LM head,
+    kept gathered through the forward) and two decoder layers (the one running and the one
+    prefetched). Not yet measured on GPUs (bench/gpu/distributed_gemma2_2b.sh); DDP and one
+    process are unchanged."""
+    n = getattr(cfg, "processes", 1)
+    if not cuda or n < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
+        return est
+    embeddings = shape.vocab * shape.hidden
+    per_param = est.weights / max(shape.params, 1)  # the dtype's bytes
+    layer = (shape.params - embeddings) / max(shape.layers, 1) * per_param
+    est.weights = int(est.weights / n + embeddings * per_param * (n - 1) / n + 2 * layer)
+    est.adapter //= n
+    est.optimizer //= n
+    return est
 
 
 def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool,
@@ -312,7 +331,7 @@ def prefer_estimate(cfg: Any, shape: ModelShape, sizes: DataSizes, *, cuda: bool
         est.logits += trained * shape.vocab * 4
     elif cfg.method == "orpo":
         est.logits = logits_bytes(seq * sequences, shape.vocab) + seq * rows * shape.vocab * 4
-    return est
+    return fsdp_share(cfg, shape, est, cuda)
 
 
 @dataclass
@@ -361,7 +380,8 @@ def suggestion(cfg: Any, shape: ModelShape, sizes: DataSizes, device: Device,
         if fits(est, device, margin):
             return (f"batch_size: {procs}, grad_accum: {effective}, max_seq_len: {s} "
                     f"({est.describe()})")
-    if cuda and not cfg.qlora:
+    sharded = procs > 1 and getattr(cfg, "distributed", "ddp") == "fsdp"  # no 4-bit there
+    if cuda and not cfg.qlora and not sharded:
         est = train_estimate(cfg, shape, sizes, cuda=True, batch=1, qlora=True)
         if fits(est, device, margin):
             return f"qlora: true, batch_size: {procs}, grad_accum: {effective} ({est.describe()})"

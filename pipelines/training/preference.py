@@ -312,9 +312,10 @@ def make_trainer(cfg: Any, model: Any, tokenizer: Any, train_rows: list[dict[str
                processing_class=tokenizer)
 
 
-def save_adapter(model: Any, folder: Path) -> None:
-    """Only the trained adapter ("default"), not DPO / KTO's frozen reference copy."""
-    model.save_pretrained(str(folder), selected_adapters=["default"])
+def save_adapter(model: Any, folder: Path, state: dict[str, Any] | None = None) -> None:
+    """Only the trained adapter ("default"), not DPO / KTO's frozen reference copy; from
+    `state` (a full state dict, as FSDP gathers it) when given."""
+    model.save_pretrained(str(folder), selected_adapters=["default"], state_dict=state)
 
 
 # --- before / after ---------------------------------------------------------------------

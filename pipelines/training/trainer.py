@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -74,13 +75,18 @@ def common_arguments(cfg: Any, out: Path, cuda: bool, has_eval: bool) -> dict[st
 
 
 def fsdp_arguments(cfg: Any) -> dict[str, Any]:
-    """`distributed: fsdp` with several processes: the model's layers sharded across them
-    (CUDA only; the job refuses it on the CPU). DDP, the default, needs no arguments: the
-    Trainer wraps the model in DDP whenever it runs in several processes."""
+    """`distributed: fsdp` with several processes: FSDP2 (`fully_shard`) through Accelerate,
+    one unit per decoder layer (the model's `_no_split_modules`), each resharded after its
+    forward; the adapter saved from a full state dict gathered to rank 0. CUDA only: on the
+    CPU Accelerate would fall back to DDP without a word, so the job refuses it there. DDP,
+    the default, needs no arguments: the Trainer wraps the model in DDP whenever it runs in
+    several processes."""
     if getattr(cfg, "processes", 1) < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
         return {}
-    return {"fsdp": "full_shard auto_wrap",
-            "fsdp_config": {"use_orig_params": True}}  # LoRA: frozen and trained in one unit
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "state_dict_type": "FULL_STATE_DICT"}}
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -104,7 +110,8 @@ def load_base_model(cfg: Any, model_source: Path | str, model_type: str,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
+        # this process's GPU: with processes > 1 each rank is launched with its LOCAL_RANK
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
     if cfg.qlora:
@@ -247,6 +254,7 @@ class EventCallback(TrainerCallback):
         self.last_eval: float | None = None
         self.last_eval_step: int | None = None
         self.last_loss: float | None = None
+        self.stopped = False  # a cancel stopped the training
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
@@ -268,6 +276,7 @@ class EventCallback(TrainerCallback):
         if self.cancelled():
             control.should_save = True   # the next run resumes from here
             control.should_training_stop = True
+            self.stopped = True
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -180,8 +180,17 @@ def test_two_processes_resume_after_sigkill(train_configs, tmp_path):
     out = tmp_path / "home" / "runs" / "resume-ddp"
     checkpoints = out / "checkpoints"
 
+    def why(run: str) -> str:  # what the job and its ranks said, for a failure's message
+        events = list(iter_events(tmp_path / run / "events.jsonl"))
+        log = out / "distributed" / "worker.log"
+        tail = log.read_text(errors="replace")[-1500:] if log.is_file() else "no worker.log"
+        return f"last events: {events[-3:]}; worker.log ends: {tail}"
+
     first = start(cfg_path, tmp_path / "run1", train_configs)
-    kill_after_a_checkpoint(first, checkpoints, group=False)  # the job's process alone
+    try:
+        kill_after_a_checkpoint(first, checkpoints, group=False)  # the job's process alone
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {why('run1')}") from None
     deadline = time.monotonic() + 60
     while _ranks_of(out / "distributed"):
         assert time.monotonic() < deadline, "the ranks outlived the killed job by 60 s"
@@ -191,9 +200,9 @@ def test_two_processes_resume_after_sigkill(train_configs, tmp_path):
     assert last < 400
 
     second = start(cfg_path, tmp_path / "run2", train_configs)
-    assert second.wait(timeout=300) == 0
+    assert second.wait(timeout=300) == 0, why("run2")
     events = list(iter_events(tmp_path / "run2" / "events.jsonl"))
-    assert events[-1].type == "done", events[-1]
+    assert events[-1].type == "done", why("run2")
     assert f"resuming from checkpoint-{last}" in [e.message for e in events if e.type == "log"]
     progress = [e.current for e in events if e.type == "progress" and e.stage == "train"]
     assert progress[0] == last and progress[-1] == 400
@@ -241,3 +250,92 @@ def test_dpo_in_two_processes_matches_one(train_configs, tmp_path, tiny_gemma):
     from tests.training.test_prefer_job import assert_plain_peft
 
     assert_plain_peft(ctx.home / "runs" / "dpo-2" / "adapter", tiny_gemma)
+
+
+# --- FSDP: what can be checked without GPUs (a run needs two: bench/gpu/) -----------------
+
+GEMMA2_2B_SHAPE = dict(params=2_614_341_888, hidden=2304, layers=26, heads=8,
+                       intermediate=9216, vocab=256000, kv_heads=4, head_dim=256)
+
+
+def test_fsdp_holds_a_shard_of_the_weights_per_gpu():
+    """Gemma-2-2B shapes in bf16 on 2 GPUs: each holds half the weights, the embeddings'
+    other half and two decoder layers gathered, half the adapter and optimizer; the
+    activations are its share of the batch as under DDP. The CPU estimate is unchanged
+    (the job refuses FSDP there)."""
+    from pipelines.training import memory
+
+    shape = memory.ModelShape(**GEMMA2_2B_SHAPE)
+    sizes = memory.DataSizes(512, 256)
+    ddp = parse_job(train_job(batch_size=8, processes=2), "test")
+    fsdp = parse_job(train_job(batch_size=8, processes=2, distributed="fsdp"), "test")
+    a = memory.train_estimate(ddp, shape, sizes, cuda=True)
+    b = memory.train_estimate(fsdp, shape, sizes, cuda=True)
+    embeddings = 256000 * 2304 * 2
+    layer = (shape.params - 256000 * 2304) * 2 / 26
+    assert b.weights == int(a.weights / 2 + embeddings / 2 + 2 * layer)
+    assert b.weights < 0.75 * a.weights
+    assert (b.adapter, b.optimizer) == (a.adapter // 2, a.optimizer // 2)
+    assert (b.activations, b.logits) == (a.activations, a.logits)
+    assert memory.train_estimate(fsdp, shape, sizes, cuda=False).total == \
+        memory.train_estimate(ddp, shape, sizes, cuda=False).total
+    # too big for a GPU: the remedies keep to what FSDP can do (no 4-bit)
+    gpu = memory.Device("cuda", "one GPU", b.total * 0.5, b.total)
+    assert "qlora" not in (memory.suggestion(fsdp, shape, sizes, gpu) or "")
+
+
+def test_qlora_with_fsdp_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="distributed: ddp") as caught:
+        parse_job(train_job(batch_size=4, processes=2, distributed="fsdp", qlora=True), "test")
+    assert "\n" not in str(caught.value).strip().splitlines()[-1]
+    parse_job(train_job(batch_size=4, processes=2, qlora=True), "test")  # DDP: allowed
+
+
+def test_fsdp_arguments_give_accelerate_fsdp2_with_a_full_state_dict(tmp_path):
+    """The arguments the worker's Trainer gets: FSDP2, one unit per decoder layer, the
+    state dict gathered whole for saving; none for DDP or one process."""
+    from trl import SFTConfig
+
+    from pipelines.training.trainer import common_arguments
+
+    fsdp = parse_job(train_job(batch_size=4, processes=2, distributed="fsdp"), "test")
+    args = SFTConfig(**common_arguments(fsdp, tmp_path, False, False))
+    assert args.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True}
+    assert args.per_device_train_batch_size == 2
+    for changes in ({"processes": 2}, {"distributed": "fsdp"}):
+        cfg = parse_job(train_job(batch_size=4, **changes), "test")
+        assert SFTConfig(**common_arguments(cfg, tmp_path, False, False)).fsdp \
+            in (None, False, "")
+
+
+@pytest.mark.parametrize("kind", ["train", "prefer"])
+def test_the_adapter_saved_from_a_gathered_state_dict_is_the_models(tiny_gemma, tmp_path,
+                                                                     kind):
+    """FSDP saves from the full state dict rank 0 gathers, DDP from the model: the same
+    adapter tensors either way, taken from the dict when one is given; a prefer job's
+    reference copy is in neither."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.jobs.distributed_worker import save_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gemma),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                      init_lora_weights=False))
+    if kind == "prefer":
+        model.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    save_adapter(kind, model, tmp_path / "plain", None)
+    # the gathered dict's values are what is saved (shifted here to tell them apart)
+    save_adapter(kind, model, tmp_path / "gathered",
+                 {k: v + 1 if "lora_" in k else v for k, v in model.state_dict().items()})
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    gathered = load_file(tmp_path / "gathered" / "adapter_model.safetensors")
+    assert sorted(plain) == sorted(gathered) and any("lora_A" in k for k in plain)
+    assert all(torch.equal(plain[k] + 1, gathered[k]) for k in plain)
+    assert not (tmp_path / "gathered" / "ref").exists()
