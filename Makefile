@@ -95,6 +95,7 @@ doctor: $(STAMP)
 
 # Rebuild the shipped Ayane adapter (configs/models/ayane-270m/): the CPU quick-start
 # training (~10 min on 2 cores), GGUF LoRA export, verification and figures.
+# SHIP_ARGS="--variant ayane-270m-rag": the one trained with retrieval (~15 min).
 ayane-adapter: $(STAMP)
 	$(BIN)/python -m pipelines.ship --force $(SHIP_ARGS)
 
