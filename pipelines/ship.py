@@ -148,8 +148,8 @@ def export(ship: Shipped, home: Path, adapter_dir: Path) -> tuple[Path, dict[str
 
 def gguf_figures(home: Path, adapter: Path | None, max_new_tokens: int, name: str
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Style figures of the GGUF base (adapter None) or base + adapter over the persona's
-    eval questions, greedy, through the chat engine's gguf backend."""
+    """Style figures of the GGUF base (adapter None) or base + adapter, named `name`, over
+    the persona's eval questions, greedy, through the chat engine's gguf backend."""
     from pipelines.evaluation import figures, replies_from_backend
     from pipelines.inference.registry import load_backend
     from pipelines.workspace import Workspace
@@ -160,8 +160,6 @@ def gguf_figures(home: Path, adapter: Path | None, max_new_tokens: int, name: st
     variant = ws.variant(BASE_VARIANT)
     if adapter is not None:
         variant = variant.model_copy(update={"name": name, "lora_path": str(adapter)})
-    else:
-        name = BASE_VARIANT
     backend = load_backend(variant, home)
     try:
         replies = replies_from_backend(backend, persona.prompts.system, questions,

@@ -293,7 +293,7 @@ def fsdp_share(cfg: Any, shape: ModelShape, est: Estimate, cuda: bool) -> Estima
     layer): its 1/N of the weights, the adapter and the optimizer, plus what is gathered
     whole while it runs: the embeddings (the unit with the final norm and the LM head,
     kept gathered through the forward) and two decoder layers (the one running and the one
-    prefetched). Not yet measured on GPUs (bench/gpu/distributed_gemma2_2b.sh); DDP and one
+    prefetched). Not yet measured on GPUs (bench/gpu/multi_gpu.sh); DDP and one
     process are unchanged."""
     n = getattr(cfg, "processes", 1)
     if not cuda or n < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
