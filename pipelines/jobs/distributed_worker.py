@@ -103,6 +103,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _leave(trainer: Any) -> int:
+    """Every rank leaves the process group, together, before it exits: a rank that exits
+    with gloo's worker threads still alive aborts in interpreter shutdown ("terminate called
+    without an active exception", SIGABRT; seen once in CI on a finished run), which fails
+    the whole launch. Accelerate's end_training destroys the group."""
+    _barrier()
+    trainer.accelerator.end_training()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the job's own process
     folder = Path((argv if argv is not None else sys.argv[1:])[0])
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=spec["resume"])
     seconds = time.perf_counter() - started
     if callback.stopped:  # after a checkpoint, on a cancel every rank saw at the same step
-        return 0          # (the file alone could appear between two ranks' looks at it)
+        return _leave(trainer)  # (the file alone could appear between two ranks' looks)
     state = trainer.state
     result: dict[str, Any] = {
         "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(folder / RESULT_FILE, json.dumps(result))
         assert sink is not None
         sink.close()
-    return 0
+    return _leave(trainer)
 
 
 if __name__ == "__main__":
