@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -281,10 +282,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# a Python exception's last line, as a rank prints it (torch may put "[rank1]: " first)
+_EXCEPTION = re.compile(r"^\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b")
+
+
 def _last_line(path: Path) -> str:
+    """Why the ranks failed, in one line: the last Python exception a rank printed (not the
+    launcher's own ChildFailedError), else how torchrun's root-cause rank died (a signal:
+    "traceback : Signal 6 (SIGABRT) received by PID ..."), else the log's last line."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
         return "no log"
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return ev.one_line((errors or lines or ["no output"])[-1], 300)
+    errors = [line for line in lines
+              if _EXCEPTION.match(line) and "ChildFailedError" not in line]
+    signals = [line.strip().removeprefix("traceback :").strip() for line in lines
+               if line.strip().startswith("traceback : Signal")]
+    return ev.one_line((errors or signals or lines or ["no output"])[-1], 300)

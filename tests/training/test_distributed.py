@@ -65,6 +65,52 @@ def test_a_failed_launch_is_one_line_naming_the_log(train_configs, tmp_path, mon
     assert "worker.log" in message and "\n" not in message
 
 
+# torchrun's summary when a rank died of a signal (from a CI run's worker.log)
+TORCHRUN_SIGNAL_LOG = """\
+terminate called without an active exception
+W1129 22:47:01.448000 12791 torch/distributed/elastic/multiprocessing/api.py:1028] Sending \
+process 12794 closing signal SIGTERM
+Traceback (most recent call last):
+  File "torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+=======================================================
+pipelines.jobs.distributed_worker FAILED
+-------------------------------------------------------
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 12794)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 12794
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -6 (pid: 12795)  (SIGABRT)
+  error_file: <N/A>
+  traceback : Signal 6 (SIGABRT) received by PID 12795
+=======================================================
+"""
+
+
+def test_the_failure_line_names_the_ranks_own_error(tmp_path):
+    """The one line of a failed launch: a rank's own exception, else the signal the root-
+    cause rank died of; never the launcher's ChildFailedError or "error_file: <N/A>"."""
+    from pipelines.jobs.trainer_loop import _last_line
+
+    log = tmp_path / "worker.log"
+    log.write_text(TORCHRUN_SIGNAL_LOG, encoding="utf-8")
+    assert _last_line(log) == "Signal 6 (SIGABRT) received by PID 12795"
+    log.write_text("  File \"x.py\", line 3\ntorch.OutOfMemoryError: CUDA out of memory. "
+                   "Tried to allocate 2.00 GiB\n" + TORCHRUN_SIGNAL_LOG, encoding="utf-8")
+    assert _last_line(log).startswith("torch.OutOfMemoryError: CUDA out of memory")
+    log.write_text("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: bad "
+                   "batch\n" + TORCHRUN_SIGNAL_LOG, encoding="utf-8")
+    assert _last_line(log) == "[rank1]: ValueError: bad batch"
+    assert _last_line(tmp_path / "missing.log") == "no log"
+
+
 def test_the_memory_estimate_is_one_process_share(train_configs, tiny_gemma):
     """Each process holds its share of the batch: the estimate of batch 8 in 2 processes
     is that of batch 4 in one; the refusal is against one device, and its suggestion is a
