@@ -117,7 +117,7 @@ def exit_now(code: int) -> None:
     C++ thread still joinable when the DDP module's process group is torn down with the
     interpreter), which fails the whole launch after the work is done. Seen in CI and here
     in about 1 run in 10 of a finished 2-process run, with the group destroyed first too.
-    Everything a rank writes is closed by now; only the streams are flushed."""
+    Everything a rank writes is written and flushed by now; the streams are flushed here."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
