@@ -537,6 +537,12 @@ class LoraSettings(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+def fsdp_sharded(job: Any) -> bool:
+    """A train or prefer job that shards its model across processes: `distributed: fsdp`
+    with `processes` > 1 (with one process the setting does nothing)."""
+    return getattr(job, "processes", 1) > 1 and getattr(job, "distributed", "ddp") == "fsdp"
+
+
 def _check_processes(job: Any) -> None:
     """batch_size is the global batch of one step: each of `processes` takes an equal share.
     FSDP does not shard 4-bit weights (Accelerate leaves bitsandbytes' uint8 storage whole
@@ -544,7 +550,7 @@ def _check_processes(job: Any) -> None:
     if job.batch_size % job.processes:
         raise ValueError(f"batch_size: {job.batch_size} does not split evenly among "
                          f"{job.processes} processes (each takes batch_size / processes)")
-    if job.qlora and job.processes > 1 and job.distributed == "fsdp":
+    if job.qlora and fsdp_sharded(job):
         raise ValueError("qlora with distributed: fsdp: FSDP leaves the 4-bit weights whole "
                          "on every GPU; use distributed: ddp (or qlora: false to shard)")
 

@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     result["tokens"] = _all_ranks(trainer, trainer.tokens_seen, "sum")
     # FSDP: every rank takes part in gathering the full state dict (rank 0 receives it);
     # DDP: rank 0's model is whole
-    state = trainer.accelerator.get_state_dict(trainer.model) if cfg.distributed == "fsdp" \
-        else None
+    from pipelines.config import fsdp_sharded
+
+    state = trainer.accelerator.get_state_dict(trainer.model) if fsdp_sharded(cfg) else None
     if rank0:
         save_adapter(spec["kind"], trainer.accelerator.unwrap_model(trainer.model),
                      folder / ADAPTER_FOLDER, state)

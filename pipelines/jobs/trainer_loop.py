@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import events as ev
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, fsdp_sharded
 from pipelines.events import Event
 from pipelines.jobs import JobCancelled, JobContext
 
@@ -180,7 +180,7 @@ def train_in_processes(cfg: Any, ctx: JobContext, kind: str, out: Path, resume: 
     launched, rank 0's events yielded as they come. Updates `summary` as the one-process
     stage does; returns what the save stage saves from. Raises JobCancelled after a cancel
     (the processes stopped after a checkpoint), WorkerFailed when they fail."""
-    if cfg.distributed == "fsdp" and not cuda:
+    if fsdp_sharded(cfg) and not cuda:
         raise ConfigError("distributed: fsdp shards the model across GPUs and none is "
                           "visible; use distributed: ddp on the CPU")
     if cuda:

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import fsdp_sharded
+
 GiB = 1024 ** 3
 MARGIN = 0.9  # a run must fit in this share of the free memory
 
@@ -295,9 +297,9 @@ def fsdp_share(cfg: Any, shape: ModelShape, est: Estimate, cuda: bool) -> Estima
     kept gathered through the forward) and two decoder layers (the one running and the one
     prefetched). Not yet measured on GPUs (bench/gpu/multi_gpu.sh); DDP and one
     process are unchanged."""
-    n = getattr(cfg, "processes", 1)
-    if not cuda or n < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
+    if not cuda or not fsdp_sharded(cfg):
         return est
+    n = cfg.processes
     embeddings = shape.vocab * shape.hidden
     per_param = est.weights / max(shape.params, 1)  # the dtype's bytes
     layer = (shape.params - embeddings) / max(shape.layers, 1) * per_param
@@ -380,8 +382,7 @@ def suggestion(cfg: Any, shape: ModelShape, sizes: DataSizes, device: Device,
         if fits(est, device, margin):
             return (f"batch_size: {procs}, grad_accum: {effective}, max_seq_len: {s} "
                     f"({est.describe()})")
-    sharded = procs > 1 and getattr(cfg, "distributed", "ddp") == "fsdp"  # no 4-bit there
-    if cuda and not cfg.qlora and not sharded:
+    if cuda and not cfg.qlora and not fsdp_sharded(cfg):  # FSDP: no 4-bit weights
         est = train_estimate(cfg, shape, sizes, cuda=True, batch=1, qlora=True)
         if fits(est, device, margin):
             return f"qlora: true, batch_size: {procs}, grad_accum: {effective} ({est.describe()})"

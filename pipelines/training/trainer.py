@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from pipelines import events as ev
+from pipelines.config import fsdp_sharded
 from pipelines.events import Event
 
 COMPLETE = "kyara-complete.json"
@@ -81,7 +82,7 @@ def fsdp_arguments(cfg: Any) -> dict[str, Any]:
     CPU Accelerate would fall back to DDP without a word, so the job refuses it there. DDP,
     the default, needs no arguments: the Trainer wraps the model in DDP whenever it runs in
     several processes."""
-    if getattr(cfg, "processes", 1) < 2 or getattr(cfg, "distributed", "ddp") != "fsdp":
+    if not fsdp_sharded(cfg):
         return {}
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "reshard_after_forward": True,
