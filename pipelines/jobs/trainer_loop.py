@@ -208,7 +208,7 @@ def train_in_processes(cfg: Any, ctx: JobContext, kind: str, out: Path, resume: 
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT,
                              *launch_command(cfg.processes, folder)],
-                            stdout=log, stderr=subprocess.STDOUT, env=_worker_env(),
+                            stdout=log, stderr=subprocess.STDOUT, env=_worker_env(folder),
                             start_new_session=True)  # a cancel reaches them as a file
     log.close()
     tailer = ev.Tailer(folder / EVENTS_FILE)
@@ -254,10 +254,15 @@ def _stop(proc: subprocess.Popen[bytes], folder: Path) -> None:
             continue
 
 
-def _worker_env() -> dict[str, str]:
-    """The job's environment, with this checkout importable wherever the job runs from."""
+def _worker_env(folder: Path) -> dict[str, str]:
+    """The job's environment, with this checkout importable wherever the job runs from,
+    and its temporary files in `folder`: torchrun makes a `torchelastic_*` folder under the
+    temporary directory on every launch and never removes it."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
+    tmp = folder / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several processes
     return env

@@ -143,10 +143,10 @@ def test_prediction_within_25_percent_tiny(tiny_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["1GiB", "100MiB"])
-def test_prediction_within_25_percent_medium(tmp_path_factory, shard):
+def test_prediction_within_25_percent_medium(tmp_path, shard):
     from tests.merge.models import make_model_fast
 
-    root = tmp_path_factory.mktemp("medium")
+    root = tmp_path  # 1.9 GB, removed when the test passes
     models = [make_model_fast(root / f"m{i}", i, hidden=1024, layers=20, vocab=32000,
                               intermediate=2816, heads=16, kv_heads=16) for i in range(2)]
     assert 300e6 < inspect_model(models[0]).params < 330e6

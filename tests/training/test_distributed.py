@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -160,6 +161,7 @@ def test_two_processes_match_one(train_configs, tmp_path):
     common = dict(max_steps=6, save_steps=3, batch_size=4, eval_fraction=0.3,
                   eval_questions=1, eval_max_new_tokens=4)
     one, _ = run_job(train_configs, tmp_path / "one", name="one", **common)
+    system_tmp = set(os.listdir(tempfile.gettempdir()))
     two, ctx = run_job(train_configs, tmp_path / "two", name="two", processes=2, **common)
     assert two[-1].type == "done", two[-1]
     stages = [e.stage for e in two if e.type == "stage"]
@@ -197,6 +199,12 @@ def test_two_processes_match_one(train_configs, tmp_path):
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
     assert summary["mini_eval"]["after"]["n"] == 1
+
+    # torchrun's never-removed `torchelastic_*` folder is in the job's folder, not the system's
+    left = {n for n in set(os.listdir(tempfile.gettempdir())) - system_tmp
+            if n.startswith("torchelastic_")}
+    assert not left
+    assert list((out / "distributed" / "tmp").glob("torchelastic_*"))
 
 
 def _ranks_of(folder) -> list[int]:
