@@ -95,12 +95,14 @@ def run(cfg: TrainJob, ctx: JobContext) -> Iterator[Event]:
 
 
 def passive_openmp() -> None:
-    """OpenMP threads that sleep while they wait instead of spinning: on a CPU shared with
-    anything else (the console's llama.cpp chat, another job) spinning threads made steps
-    ~10x slower here (2 cores). OpenMP reads the variable once, when torch loads it, so it
-    must be in the environment before any stage imports torch, and it cannot be scoped to a
-    stage. Process-wide is right: the runner gives every job its own process. A value the
-    user set wins."""
+    """OpenMP threads that sleep while they wait instead of spinning. With one of 2 cores
+    taken (the console's chat generating, another job) a training step of a 270M-shaped model
+    ran 1.44x faster; with the cores free, 0.90x (bench/omp_wait.py). Training runs long, beside
+    the chat, so it takes the trade; the other jobs do not (llama.cpp decodes at 0.55x when the
+    cores are free). OpenMP reads the variable once, when torch loads it, so it must be in the
+    environment before any stage imports torch, and it cannot be scoped to a stage.
+    Process-wide is right: the runner gives every job its own process. A value the user set
+    wins."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
