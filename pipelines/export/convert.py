@@ -225,10 +225,58 @@ def convert_lora(tools: Path, adapter: Path, base_hf_dir: Path, out: Path,
                  outtype: str = "f16") -> Iterator[str]:
     if outtype not in OUTTYPES:
         raise ConfigError(f"outtype: expected one of {', '.join(OUTTYPES)}; found {outtype!r}")
-    yield from run_script(tools, CONVERT_LORA, [str(adapter), "--base", str(base_hf_dir),
-                                                "--outfile", str(out), "--outtype", outtype])
+    staged = Path(out).parent / f".{Path(out).name}.adapter"
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        stage_adapter(Path(adapter), staged)
+        yield from run_script(tools, CONVERT_LORA, [str(staged), "--base", str(base_hf_dir),
+                                                    "--outfile", str(out), "--outtype", outtype])
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     if not Path(out).is_file():
         raise ExportError(f"{CONVERT_LORA} wrote no {out}")
+
+
+def stage_adapter(adapter: Path, staged: Path) -> None:
+    """The adapter folder as the LoRA converter is to see it, in `staged`: its files linked,
+    and its model card without a `base_model` that is a folder on this machine. PEFT writes
+    the path the base was loaded from there, and the converter records any `base_model` in
+    the GGUF as a Hugging Face repo (`https://huggingface.co//home/...`). A hub id stays."""
+    staged.mkdir(parents=True)
+    for item in adapter.iterdir():
+        if item.name != "README.md":
+            (staged / item.name).symlink_to(item.resolve())
+    card = adapter / "README.md"
+    if card.is_file():
+        (staged / "README.md").write_text(_card_without_local_base(card.read_text(
+            encoding="utf-8", errors="replace")), encoding="utf-8")
+
+
+def _card_without_local_base(text: str) -> str:
+    import yaml
+
+    if not text.startswith("---"):
+        return text
+    head, sep, body = text[3:].partition("\n---")
+    try:
+        meta = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return body if sep else text  # a front matter nothing can read: drop it
+    if not isinstance(meta, dict):
+        return text
+    bases = meta.get("base_model")
+    local = [b for b in (bases if isinstance(bases, list) else [bases])
+             if isinstance(b, str) and (b.startswith(("/", ".", "~")) or Path(b).exists())]
+    if not local:
+        return text
+    kept = [b for b in (bases if isinstance(bases, list) else [bases]) if b not in local]
+    if kept:
+        meta["base_model"] = kept
+    else:
+        meta.pop("base_model")
+    if isinstance(meta.get("tags"), list):
+        meta["tags"] = [t for t in meta["tags"] if not any(str(t).endswith(":" + b) for b in local)]
+    return "---\n" + yaml.safe_dump(meta, allow_unicode=True, sort_keys=False) + "---" + body
 
 
 def quantize(source: Path, target: Path, qtype: str, threads: int | None = None) -> None:

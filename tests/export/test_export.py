@@ -152,6 +152,33 @@ def test_lora_only_adapter_changes_output_like_hf(workspace, tmp_path, gemma3_di
     variant = yaml.safe_load((ctx.home / "models" / "tiny-lora-f16.yaml").read_text())
     assert variant["lora_path"] == str(lora) and variant["path"] == str(base)
 
+    # PEFT's model card names the base by the folder it was loaded from; the GGUF does not
+    assert f"base_model: {gemma3_dir}" in (gemma3_adapter / "README.md").read_text()
+    strings = _gguf_strings(lora)
+    assert strings["general.type"] == "adapter"
+    assert not [k for k, v in strings.items() if str(gemma3_dir) in v or "huggingface.co//" in v]
+    assert not list(out.glob(".*.adapter"))  # the staged copy is gone
+
+
+def _gguf_strings(path: Path) -> dict[str, str]:
+    """Every metadata value of a GGUF file, as text."""
+    from gguf import GGUFReader
+
+    return {key: str(field.contents()) for key, field in GGUFReader(path).fields.items()
+            if not key.startswith("tokenizer.")}
+
+
+def test_a_hub_base_model_stays_on_the_card():
+    from pipelines.export.convert import _card_without_local_base
+
+    card = ("---\nbase_model: google/gemma-2-2b-jpn-it\nlibrary_name: peft\ntags:\n"
+            "- base_model:adapter:google/gemma-2-2b-jpn-it\n- lora\n---\n\n# Model Card\n")
+    assert _card_without_local_base(card) == card
+    local = card.replace("google/gemma-2-2b-jpn-it", "/srv/models/gemma-2-2b-jpn-it")
+    meta = yaml.safe_load(_card_without_local_base(local).split("---")[1])
+    assert meta == {"library_name": "peft", "tags": ["lora"]}
+    assert _card_without_local_base(local).endswith("---\n\n# Model Card\n")
+
 
 def test_merged_adapter_export(workspace, tmp_path, gemma3_dir, gemma3_adapter):
     _variant(workspace, "tiny-merged", gemma3_dir, gemma3_adapter)
