@@ -265,11 +265,12 @@ def _card_without_local_base(text: str) -> str:
     if not isinstance(meta, dict):
         return text
     bases = meta.get("base_model")
-    local = [b for b in (bases if isinstance(bases, list) else [bases])
+    bases = bases if isinstance(bases, list) else [bases]
+    local = [b for b in bases
              if isinstance(b, str) and (b.startswith(("/", ".", "~")) or Path(b).exists())]
     if not local:
         return text
-    kept = [b for b in (bases if isinstance(bases, list) else [bases]) if b not in local]
+    kept = [b for b in bases if b not in local]
     if kept:
         meta["base_model"] = kept
     else:
