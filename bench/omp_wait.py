@@ -128,14 +128,16 @@ def main() -> None:
     kinds = args.kinds.split(",")
     print(f"usable cores {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        makers = {"torch": lambda: torch_model(Path(tmp) / "tiny", **TINY),
-                  "llama": lambda: gguf_model(Path(tmp)),
-                  "train-270m": lambda: torch_model(Path(tmp) / "270m", **SHAPE_270M)}
-        makers["train"] = makers["torch"]
-        models = {}
-        for kind in kinds:
-            models[kind] = (models["torch"] if kind == "train" and "torch" in models
-                            else makers[kind]())
+        built: dict[str, str] = {}  # one model per shape, shared by the kinds on it
+
+        def model_for(kind: str) -> str:
+            shape = "gguf" if kind == "llama" else "270m" if kind == "train-270m" else "tiny"
+            if shape not in built:
+                built[shape] = (gguf_model(Path(tmp)) if shape == "gguf" else torch_model(
+                    Path(tmp) / shape, **(SHAPE_270M if shape == "270m" else TINY)))
+            return built[shape]
+
+        models = {kind: model_for(kind) for kind in kinds}
         for condition in ("quiet", "loaded"):
             spinner = (subprocess.Popen([sys.executable, "-c", SPIN])
                        if condition == "loaded" else None)
