@@ -11,6 +11,10 @@ non-empty line may also state the score inside a sentence (「評価は「2」�
 
 A reply under judgment can contain "Score: 7"; the judge's reasoning may quote it on its
 own line, but the judge is asked to end with its own score, and the last one wins.
+
+The weighted score is read where the judge decided: at the first of the trailing score
+lines, not at the repeat the prompt asks for (a model copies its own digit there with
+p ~ 1, which made the weighted score an integer in practice).
 """
 
 from __future__ import annotations
@@ -104,6 +108,39 @@ def _found(match: re.Match[str], lead: int, origin: list[int], line_start: int, 
     return ParsedScore(score, line_start + origin[lead + match.start("n")], line, form)
 
 
+def decision_offset(text: str, parsed: ParsedScore) -> int:
+    """Where the judge decided its score: the first of the trailing score lines (the prompt
+    asks for the score, then the score again by itself). At the repeat a model copies its
+    own digit with p ~ 1, so only the first line's probabilities say what it believed.
+    Walks up from the parsed (last) line over blank lines and score lines that state the
+    same score; a line with another number ends the walk (the judge changed its mind: the
+    weighting stays with the lines that agree with the score kept). A score read inside a
+    sentence has no repeat: its own offset."""
+    if parsed.form != "line":
+        return parsed.offset
+    lines = text.splitlines(keepends=True)
+    starts: list[int] = []
+    position = 0
+    for line in lines:
+        starts.append(position)
+        position += len(line)
+    offset = parsed.offset
+    for index in range(parsed.line - 1, -1, -1):
+        raw = lines[index].rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+        if not raw.strip():
+            continue
+        norm, origin = _normalise(raw)
+        match = _STANDALONE.match(norm.strip())
+        if not match:
+            break
+        lead = len(norm) - len(norm.lstrip())
+        found = _found(match, lead, origin, starts[index], index, "line")
+        if found is None or found.score != parsed.score:
+            break
+        offset = found.offset
+    return offset
+
+
 def reasoning_of(text: str, parsed: ParsedScore) -> str:
     """The text before the final score (and before the score lines just above it: the
     prompt asks for the score, then the score again)."""
@@ -178,15 +215,23 @@ def locate_token(text: str, offset: int, tokens: Sequence[TokenLogprob]) -> int 
 
 def weighted_score(text: str, parsed: ParsedScore, tokens: Sequence[TokenLogprob] | None
                    ) -> float | None:
-    """sum(p_i * i) / sum(p_i) over the tokens 1..7 at the final score's position."""
+    """sum(p_i * i) / sum(p_i) over the tokens 1..7 where the judge decided its score: the
+    first of the trailing score lines (`decision_offset`), not the repeat after it."""
     if not tokens:
         return None
-    index = locate_token(text, parsed.offset, tokens)
+    index = locate_token(text, decision_offset(text, parsed), tokens)
     if index is None or digit_of(tokens[index].token) != parsed.score:
         # The token stream does not line up with the text (a server that rewrote it):
-        # fall back to the last token that is the parsed score itself.
+        # fall back to the first token of the last run of tokens that are the parsed score
+        # with nothing but decoration between them (the score line and its repeat).
         index = next((i for i in range(len(tokens) - 1, -1, -1)
                       if digit_of(tokens[i].token) == parsed.score), None)
         if index is None:
             return None
+        earlier = index - 1
+        while earlier >= 0 and (digit_of(tokens[earlier].token) == parsed.score
+                                or not tokens[earlier].token.strip(_DECORATION)):
+            if digit_of(tokens[earlier].token) == parsed.score:
+                index = earlier
+            earlier -= 1
     return weighted_from_distribution(score_distribution(tokens[index]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -126,9 +127,13 @@ def completion_body(reply: Reply, model: str) -> bytes:
 
 def _token_logprobs(text: str, reply: Reply) -> list[dict[str, Any]]:
     """One token per character (non-ASCII ones split into byte pieces when asked, as
-    OpenAI does), the score distribution at the last digit."""
+    OpenAI does). The score distribution is where a real judge has it: at the digit of the
+    first of the trailing score lines, where it decides; the repeat below it is a copy of
+    that digit, certain (p ~ 1), as gpt-4o-mini writes it."""
     tokens: list[dict[str, Any]] = []
+    first_token: list[int] = []  # character index -> index of its first token
     for char in text:
+        first_token.append(len(tokens))
         raw = char.encode("utf-8")
         if reply.split_bytes and len(raw) > 1:
             for piece in (raw[:1], raw[1:]):
@@ -137,17 +142,47 @@ def _token_logprobs(text: str, reply: Reply) -> list[dict[str, Any]]:
         else:
             tokens.append({"token": char, "logprob": -0.01, "bytes": list(raw),
                            "top_logprobs": [{"token": char, "logprob": -0.01, "bytes": list(raw)}]})
-    last = max((i for i, t in enumerate(tokens) if t["token"].strip() in "1234567１２３４５６７"
-                and t["token"].strip()), default=None)
-    if last is not None and reply.score_logprobs:
-        top = [{"token": t, "logprob": lp, "bytes": list(t.encode())}
-               for t, lp in sorted(reply.score_logprobs.items(), key=lambda kv: -kv[1])]
-        top.append({"token": "。", "logprob": -9.0, "bytes": list("。".encode())})
-        tokens[last]["top_logprobs"] = top
-        chosen = reply.score_logprobs.get(tokens[last]["token"])
-        if chosen is not None:
-            tokens[last]["logprob"] = chosen
+    score_lines = _trailing_score_digits(text)
+    if not score_lines or not reply.score_logprobs:
+        return tokens
+    decided, *repeats = score_lines
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+           for t, lp in sorted(reply.score_logprobs.items(), key=lambda kv: -kv[1])]
+    top.append({"token": "。", "logprob": -9.0, "bytes": list("。".encode())})
+    at = tokens[first_token[decided]]
+    at["top_logprobs"] = top
+    chosen = reply.score_logprobs.get(at["token"])
+    if chosen is not None:
+        at["logprob"] = chosen
+    for offset in repeats:
+        copy = tokens[first_token[offset]]
+        copy["logprob"] = -1e-4
+        copy["top_logprobs"] = [{"token": copy["token"], "logprob": -1e-4,
+                                 "bytes": copy["bytes"]},
+                                *({"token": t["token"], "logprob": -12.0, "bytes": t["bytes"]}
+                                  for t in top if t["token"] != copy["token"])]
     return tokens
+
+
+_SCORE_LINE = re.compile(r"^[\s*#:_]*(?:score|スコア|評価)?[\s*:：_]*([1-7１-７])[\s*_。.]*$",
+                         re.IGNORECASE)
+
+
+def _trailing_score_digits(text: str) -> list[int]:
+    """Character offsets of the digits of the score lines that end the text, top first."""
+    found: list[int] = []
+    end = len(text)
+    while end > 0:
+        start = text.rfind("\n", 0, end) + 1
+        line = text[start:end]
+        end = start - 1
+        if not line.strip():
+            continue
+        match = _SCORE_LINE.match(line)
+        if not match:
+            break
+        found.insert(0, start + match.start(1))
+    return found
 
 
 class _Handler(BaseHTTPRequestHandler):

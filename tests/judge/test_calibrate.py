@@ -91,7 +91,7 @@ async def test_calibration_scores_every_row_with_anchors_from_the_others(server,
     a = report.agreement
     assert a.spearman == pytest.approx(1.0) and a.exact == 1 and a.mae == 0
     assert report.judge == "scripted" and report.model == "scripted-judge"
-    assert report.prompt_version == "personality-v1" and report.persona == "ayane"
+    assert report.prompt_version == "personality-v2" and report.persona == "ayane"
     assert report.date[:2] == "20" and report.few_shot == 3
     assert [row.id for row, _ in pairs] == [r.id for r in rows]
     stored = judge.store.rows("judgments")
@@ -119,17 +119,17 @@ def test_status_labels_for_the_console(tmp_path):
 
     report = CalibrationReport(
         judge="local-gemma3", model="embedded:gemma3-270m", provider="llama_cpp",
-        persona="ayane", criterion="personality", prompt_version="personality-v1",
+        persona="ayane", criterion="personality", prompt_version="personality-v2",
         date="2026-11-25T12:00:00+00:00", few_shot=3, seed=0,
         agreement=Agreement(n=91, scored=90, spearman=0.42, within_one=0.61))
-    before = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v1")
+    before = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v2")
     assert before.state == "uncalibrated" and before.label == "uncalibrated"
     save_calibration(tmp_path, report)
-    now = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v1")
+    now = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v2")
     assert now.state == "calibrated" and now.label == "ρ 0.42, ±1 61% (n=90, 2026-11-25)"
-    stale = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v2")
-    assert stale.state == "stale" and "personality-v1" in stale.label
-    other = calibration_status(tmp_path, "local-gemma3", "ayane", "style", "style-v1")
+    stale = calibration_status(tmp_path, "local-gemma3", "ayane", "personality", "personality-v3")
+    assert stale.state == "stale" and "personality-v2" in stale.label
+    other = calibration_status(tmp_path, "local-gemma3", "ayane", "style", "style-v2")
     assert other.state == "uncalibrated"
 
 

@@ -111,7 +111,7 @@ def test_kyara_judge_calibrate_prints_the_counts_and_updates_the_status(server, 
     fb.record_label(store, ids[1], "style", 6)
     server.responder = score_by_reply(dict(zip(texts, (3, 6), strict=True)))
     home = workspace.settings.home_path()
-    before = calibration_status(home, "scripted", "ayane", "style", "style-v1")
+    before = calibration_status(home, "scripted", "ayane", "style", "style-v2")
     assert before.state == "uncalibrated"
 
     result = CliRunner().invoke(

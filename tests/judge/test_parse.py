@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pipelines.judge.parse import (
     TokenLogprob,
+    decision_offset,
     digit_of,
     parse_score,
     reasoning_of,
@@ -122,19 +123,66 @@ def test_text_without_digits_never_parses(text):
 # --- G-Eval ----------------------------------------------------------------------------
 
 
-def tokens_of(text: str, top_at_last_digit: dict[str, float]) -> list[TokenLogprob]:
+def tokens_of(text: str, top: dict[str, float], at: int = -1) -> list[TokenLogprob]:
+    """One token per character, certain everywhere but at the `at`-th digit of the text
+    (default the last), which gets the alternatives `top`."""
     tokens = [TokenLogprob(ch, -0.01, ((ch, -0.01),)) for ch in text]
-    last = max(i for i, t in enumerate(tokens) if digit_of(t.token) is not None)
-    tokens[last] = TokenLogprob(tokens[last].token, top_at_last_digit.get(tokens[last].token, -5),
-                                tuple(top_at_last_digit.items()) + (("。", -3.0),))
+    digits = [i for i, t in enumerate(tokens) if digit_of(t.token) is not None]
+    where = digits[at]
+    tokens[where] = TokenLogprob(tokens[where].token, top.get(tokens[where].token, -5),
+                                 tuple(top.items()) + (("。", -3.0),))
     return tokens
 
 
 def test_weighted_score_is_the_expectation_over_1_to_7():
     text = "理由。\n6\n6"
     top = {"6": math.log(0.6), "7": math.log(0.3), "5": math.log(0.1)}
-    weighted = weighted_score(text, parse_score(text), tokens_of(text, top))
+    weighted = weighted_score(text, parse_score(text), tokens_of(text, top, at=0))
     assert weighted == pytest.approx(0.6 * 6 + 0.3 * 7 + 0.1 * 5)
+
+
+def test_weighted_score_is_read_at_the_score_line_not_at_its_repeat():
+    # gpt-4o-mini's shape: 5 and 6 equally likely where it decides, the repeat a copy (p~1)
+    text = "口調は丁寧で、お嬢様らしい。\nスコア: 5\n\n5"
+    certain_repeat = tokens_of(text, {"5": math.log(0.5), "6": math.log(0.5)}, at=0)
+    parsed = parse_score(text)
+    assert parsed.score == 5 and text[parsed.offset] == "5" and parsed.offset == len(text) - 1
+    assert decision_offset(text, parsed) == text.index("5")
+    assert weighted_score(text, parsed, certain_repeat) == pytest.approx(5.5)
+    # what the old reading gave: the repeat's certain digit
+    at_repeat = tokens_of(text, {"5": math.log(0.999), "6": math.log(0.001)}, at=-1)
+    assert weighted_score(text, parsed, at_repeat) == pytest.approx(5.0)
+
+
+def test_three_trailing_score_lines_weight_the_first():
+    text = "理由。\n**4**\n4\n4"
+    tokens = tokens_of(text, {"4": math.log(0.4), "3": math.log(0.6)}, at=0)
+    assert weighted_score(text, parse_score(text), tokens) == pytest.approx(3.4)
+
+
+def test_a_changed_mind_weights_the_lines_that_agree_with_the_score_kept():
+    text = "理由。\n5\n6"  # the judge printed 5, then "repeated" 6: the score is 6
+    parsed = parse_score(text)
+    assert parsed.score == 6 and decision_offset(text, parsed) == parsed.offset
+    tokens = tokens_of(text, {"6": math.log(0.7), "7": math.log(0.3)}, at=-1)
+    assert weighted_score(text, parsed, tokens) == pytest.approx(6.3)
+
+
+def test_a_score_in_a_sentence_is_weighted_where_it_stands():
+    text = "理由を述べました。\n評価は「4」とします。"
+    parsed = parse_score(text)
+    assert parsed.form == "sentence" and decision_offset(text, parsed) == parsed.offset
+    tokens = tokens_of(text, {"4": math.log(0.5), "5": math.log(0.5)})
+    assert weighted_score(text, parsed, tokens) == pytest.approx(4.5)
+
+
+def test_misaligned_tokens_fall_back_to_the_first_of_the_trailing_score_tokens():
+    # a server that rewrote the text: positions do not line up, the token run still does
+    text = "理由。\n5\n5"
+    tokens = [TokenLogprob("ちがう文章です。", -0.1), TokenLogprob("\n", -0.01),
+              TokenLogprob("5", math.log(0.5), (("5", math.log(0.5)), ("6", math.log(0.5)))),
+              TokenLogprob("\n", -0.01), TokenLogprob("5", -0.001, (("5", -0.001),))]
+    assert weighted_score(text, parse_score(text), tokens) == pytest.approx(5.5)
 
 
 def test_weighted_score_renormalises_over_the_score_tokens_only():

@@ -32,7 +32,7 @@ async def test_a_verdict_with_reasoning_score_and_weighted_score(server, make_ju
     assert verdict.reasoning == "1. 性格は明るい。\n2. 口調が合っている。"
     assert verdict.raw_text.endswith("6\n6")
     assert verdict.attempts == 1 and verdict.tokens == 321 and verdict.latency_ms > 0
-    assert verdict.judge_model == "scripted-judge" and verdict.prompt_version == "personality-v1"
+    assert verdict.judge_model == "scripted-judge" and verdict.prompt_version == "personality-v2"
     assert verdict.message_id == "m1" and len(verdict.cache_key) == 64
 
     sent = server.requests[0]
@@ -50,7 +50,7 @@ async def test_a_verdict_with_reasoning_score_and_weighted_score(server, make_ju
     assert row["status"] == "ok" and row["score"] == 6
     assert row["weighted_score"] == pytest.approx(verdict.weighted_score)
     assert row["reasoning"] == verdict.reasoning and row["raw_text"] == verdict.raw_text
-    assert row["judge_model"] == "scripted-judge" and row["prompt_version"] == "personality-v1"
+    assert row["judge_model"] == "scripted-judge" and row["prompt_version"] == "personality-v2"
     assert row["tokens"] == 321 and row["attempts"] == 1 and row["latency_ms"] > 0
     assert row["cache_key"] == verdict.cache_key
 
@@ -273,11 +273,11 @@ async def test_a_new_prompt_version_or_another_criterion_is_a_new_request(server
     await judge.aclose()
     assert server.count == 2
     path = configs / "judges" / "criteria" / "personality.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace("personality-v1", "personality-v2"),
+    path.write_text(path.read_text(encoding="utf-8").replace("personality-v2", "personality-v3"),
                     encoding="utf-8")
     judge = make_judge()
     verdict = await judge.score(ITEM, "personality")
-    assert server.count == 3 and verdict.prompt_version == "personality-v2"
+    assert server.count == 3 and verdict.prompt_version == "personality-v3"
 
 
 async def test_the_event_loop_keeps_running_while_judging(server, make_judge):

@@ -61,7 +61,8 @@ class VLLMServer(ThreadingHTTPServer):
 
 def vllm_logprobs(text: str, top_n: int) -> dict:
     """One token per ASCII character; each Japanese character as three byte-fallback
-    tokens that vLLM decodes to "�"; at the last "5": 5 70 %, 6 30 %, 4 at -inf."""
+    tokens that vLLM decodes to "�"; at the score line's "5", where the judge decides:
+    5 70 %, 6 30 %, 4 at -inf; at the repeat below it the copied digit, certain."""
     content = []
     replacement = list("\ufffd".encode())
     for char in text:
@@ -71,12 +72,15 @@ def vllm_logprobs(text: str, top_n: int) -> dict:
             content += [{"token": "\ufffd", "logprob": -0.02, "bytes": replacement}] * 3
     for entry in content:
         entry["top_logprobs"] = [dict(entry)]
-    last = max(i for i, t in enumerate(content) if t["token"] == "5")
+    decided, repeat = [i for i, t in enumerate(content) if t["token"] == "5"][-2:]
     top = [{"token": "5", "logprob": math.log(0.7), "bytes": [53]},
            {"token": "6", "logprob": math.log(0.3), "bytes": [54]},
            {"token": "\n", "logprob": -12.5, "bytes": [10]},
            {"token": "4", "logprob": -9999.0, "bytes": [52]}][:top_n]
-    content[last].update(logprob=math.log(0.7), top_logprobs=top)
+    content[decided].update(logprob=math.log(0.7), top_logprobs=top)
+    content[repeat].update(logprob=-1e-4, top_logprobs=[
+        {"token": "5", "logprob": -1e-4, "bytes": [53]},
+        {"token": "6", "logprob": -11.0, "bytes": [54]}][:top_n])
     return {"content": content}
 
 
