@@ -22,13 +22,23 @@ PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 # back on; explicit -mno-amx-* flags win over -march whatever their order (GCC, clang).
 # The user's CMAKE_ARGS are appended as given; where none are given and a CUDA GPU and nvcc
 # are visible, llama.cpp is built with CUDA (GGUF variants then offload every layer).
+# nvcc is looked for on PATH, then in CUDA_BIN_DIRS: a non-login SSH shell often lacks
+# /usr/local/cuda/bin, and the GPU server silently got a CPU build. One found off PATH is
+# named to CMake (-DCMAKE_CUDA_COMPILER, so it is in the wheel's key) and its folder put on
+# the build's PATH (for CMAKE_ARGS given by hand too).
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_NO_AMX  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+CUDA_BIN_DIRS ?= $(if $(CUDA_HOME),$(CUDA_HOME)/bin) /usr/local/cuda/bin
+NVCC_ON_PATH  := $(shell command -v nvcc 2>/dev/null)
+LLAMA_NVCC    := $(or $(NVCC_ON_PATH),$(firstword $(wildcard $(addsuffix /nvcc,$(CUDA_BIN_DIRS)))))
+LLAMA_GPU     := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(origin CMAKE_ARGS),undefined)
-LLAMA_CMAKE_ARGS := $(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo -DGGML_CUDA=on)
+LLAMA_CMAKE_ARGS := $(if $(and $(LLAMA_NVCC),$(LLAMA_GPU)),-DGGML_CUDA=on$(if $(NVCC_ON_PATH),, -DCMAKE_CUDA_COMPILER=$(LLAMA_NVCC)))
 else
 LLAMA_CMAKE_ARGS := $(CMAKE_ARGS)
 endif
+# the build's PATH: nvcc's folder first when it is not on PATH already
+LLAMA_BUILD_PATH := $(if $(and $(LLAMA_NVCC),$(if $(NVCC_ON_PATH),,yes)),PATH='$(dir $(LLAMA_NVCC))':"$$PATH")
 # The wheel is keyed by everything that decides its machine code: version, flags, and this
 # CPU's feature list (-march=native). pip's own cache is keyed by version only, so it would
 # silently hand back a wheel built with other flags: it is never used for llama-cpp-python.
@@ -61,9 +71,9 @@ $(STAMP): pyproject.toml
 	        echo "kyara: llama-cpp-python in $(VENV) was built with other flags (AMX on, other CMAKE_ARGS or another CPU): replacing it once"; \
 	    fi; \
 	    if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-	        echo "kyara: compiling llama-cpp-python $(LLAMA_VERSION) (AMX off; CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),none)): 5-7 min on 2 cores"; \
+	        echo "kyara: compiling llama-cpp-python $(LLAMA_VERSION) (AMX off; CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),none); nvcc: $(or $(LLAMA_NVCC),none found)): 5-7 min on 2 cores"; \
 	        rm -rf $(LLAMA_WHEEL_DIR).part && mkdir -p $(LLAMA_WHEEL_DIR).part && \
-	        CMAKE_ARGS='$(subst ','"'"',$(LLAMA_CMAKE_ARGS))' CFLAGS="$$CFLAGS $(LLAMA_NO_AMX)" CXXFLAGS="$$CXXFLAGS $(LLAMA_NO_AMX)" \
+	        CMAKE_ARGS='$(subst ','"'"',$(LLAMA_CMAKE_ARGS))' CFLAGS="$$CFLAGS $(LLAMA_NO_AMX)" CXXFLAGS="$$CXXFLAGS $(LLAMA_NO_AMX)" $(LLAMA_BUILD_PATH) \
 	            $(BIN)/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
 	            -w $(LLAMA_WHEEL_DIR).part "llama-cpp-python==$(LLAMA_VERSION)" && \
 	        rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).part $(LLAMA_WHEEL_DIR) || exit 1; \

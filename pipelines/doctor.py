@@ -7,6 +7,8 @@ import importlib
 import importlib.metadata as md
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,76 @@ def check_llama_cpp() -> Check:
         return Check("llama.cpp", "warn", f"{detail}; built with AMX, which crashes on CPUs "
                      "that have it: rebuild with `make rebuild-llama`", required=False)
     return Check("llama.cpp", "ok", detail)
+
+
+# Where the Makefile looks for nvcc after PATH (its CUDA_BIN_DIRS): $CUDA_HOME/bin, then this.
+DEFAULT_CUDA_BIN = "/usr/local/cuda/bin"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs `nvidia-smi -L` lists (its `GPU 0: NAME (UUID: ...)` lines); none when it is
+    missing, fails (no driver) or hangs."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        proc = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=15,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode != 0:
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.startswith("GPU ")]
+
+
+def find_nvcc() -> tuple[str | None, bool]:
+    """(nvcc's path, whether it is on PATH), searched as the Makefile does: PATH, then
+    $CUDA_HOME/bin, then /usr/local/cuda/bin (which non-login SSH shells leave off PATH)."""
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path, True
+    dirs = ([os.path.join(os.environ["CUDA_HOME"], "bin")] if os.environ.get("CUDA_HOME")
+            else []) + [DEFAULT_CUDA_BIN]
+    for folder in dirs:
+        candidate = os.path.join(folder, "nvcc")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate, False
+    return None, False
+
+
+def cuda_rebuild_line(nvcc: str | None, on_path: bool) -> str:
+    """The command that builds llama.cpp with CUDA here: the flags the Makefile itself picks
+    for this nvcc (so a later plain `make` keeps that build)."""
+    if nvcc is None:
+        return ("install the CUDA toolkit (nvcc) or set CUDA_HOME to it, then "
+                'make rebuild-llama CMAKE_ARGS="-DGGML_CUDA=on"')
+    args = "-DGGML_CUDA=on" + ("" if on_path else f" -DCMAKE_CUDA_COMPILER={nvcc}")
+    return f'make rebuild-llama CMAKE_ARGS="{args}"'
+
+
+def check_gpu_offload(llama_cpp=None) -> Check | None:
+    """A GPU that nvidia-smi sees and a llama.cpp that cannot use it (built where nvcc was
+    not found: GGUF variants then decode on the CPU, silently): a warning with the rebuild
+    line. None when no GPU is visible."""
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    if llama_cpp is None:
+        try:
+            import llama_cpp
+        except Exception:
+            return None  # check_llama_cpp says so
+    name = gpus[0].split(":", 1)[1].split("(UUID", 1)[0].strip() if ":" in gpus[0] else gpus[0]
+    seen = name + (f" and {len(gpus) - 1} more" if len(gpus) > 1 else "")
+    if llama_cpp.llama_supports_gpu_offload():
+        return Check("llama.cpp GPU", "ok", f"GPU offload on ({seen})", required=False)
+    nvcc, on_path = find_nvcc()
+    where = (f"nvcc at {nvcc}" if nvcc else
+             f"no nvcc on PATH, in $CUDA_HOME/bin or in {DEFAULT_CUDA_BIN}")
+    return Check("llama.cpp GPU", "warn",
+                 f"nvidia-smi sees {seen}, but this llama.cpp has no GPU offload (a CPU "
+                 f"build): GGUF variants run on the CPU; {where}; rebuild: "
+                 f"{cuda_rebuild_line(nvcc, on_path)}", required=False)
 
 
 def has_amx(llama_cpp) -> bool:
@@ -211,7 +283,9 @@ def run_checks(configs: str | Path | None = None) -> list[Check]:
     from pipelines.workspace import Workspace
 
     ws = Workspace.load(configs)
-    checks = [check_python(), *check_torch(), check_llama_cpp(), *check_libraries(),
+    gpu_offload = check_gpu_offload()
+    checks = [check_python(), *check_torch(), check_llama_cpp(),
+              *([gpu_offload] if gpu_offload else []), *check_libraries(),
               check_embedded_model(), *check_workspace(ws),
               check_store(ws.settings.store_path()), check_engine(ws)]
     return checks

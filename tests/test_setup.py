@@ -156,3 +156,115 @@ def test_doctor_exit_1_when_the_engine_crashes(tmp_path):
     text = " ".join(proc.stdout.split())
     assert "killed by SIGSEGV" in text and "make rebuild-llama" in text
     assert "engine" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+
+# --- where the Makefile finds CUDA (issue 24: the server's CPU build) ----------------------
+
+# what the Makefile's $(shell ...) lines run, so a test PATH can hold these and nothing else
+MAKE_TOOLS = ("sh", "echo", "sed", "sha256sum", "cut", "grep", "cat", "printf")
+GPU_LINE = "GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-00000000-1111-2222-3333-444444444444)"
+
+
+def _script(path, body: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def _sandbox(tmp_path, *, nvcc_on_path=False, gpu=True):
+    """A PATH with the shell tools, a fake nvidia-smi (a GPU line, or failing as it does
+    without a driver) and, when asked, a fake nvcc; nothing of this machine's CUDA."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in MAKE_TOOLS:
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    _script(bin_dir / "nvidia-smi",
+            f"echo '{GPU_LINE}'" if gpu else "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    if nvcc_on_path:
+        _script(bin_dir / "nvcc", "echo 'Cuda compilation tools, release 12.4'")
+    return bin_dir
+
+
+def _decide(tmp_path, bin_dir, *args, cuda_home=None):
+    """What the Makefile chose under that PATH: {variable: value}."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_ARGS", "CUDA_HOME")}
+    env["PATH"] = str(bin_dir)
+    if cuda_home is not None:
+        env["CUDA_HOME"] = str(cuda_home)
+    make = shutil.which("make")
+    return {name: subprocess.run([make, "-s", f"print-{name}", *args], cwd=REPO, env=env,
+                                 check=True, capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+            for name in ("LLAMA_CMAKE_ARGS", "LLAMA_NVCC", "LLAMA_BUILD_PATH", "LLAMA_KEY")}
+
+
+def test_cuda_is_chosen_with_nvcc_on_path_and_a_gpu(tmp_path):
+    bin_dir = _sandbox(tmp_path, nvcc_on_path=True)
+    chosen = _decide(tmp_path, bin_dir, f"CUDA_BIN_DIRS={tmp_path / 'none'}")
+    # the flags (and so the key) of a CUDA build found on PATH are what they always were
+    assert chosen["LLAMA_CMAKE_ARGS"] == "-DGGML_CUDA=on"
+    assert chosen["LLAMA_NVCC"] == str(bin_dir / "nvcc")
+    assert chosen["LLAMA_BUILD_PATH"] == ""
+    assert chosen["LLAMA_KEY"] == _print(REPO, "LLAMA_KEY", "CMAKE_ARGS=-DGGML_CUDA=on")
+
+
+def test_nvcc_off_path_is_found_under_cuda_home_and_named_to_cmake(tmp_path):
+    """The lab's server over a non-login SSH shell: nvidia-smi works, nvcc is not on PATH
+    but is in $CUDA_HOME/bin. The build is CUDA, CMake is told which nvcc, the key says so."""
+    bin_dir = _sandbox(tmp_path)
+    nvcc = _script(tmp_path / "cuda-12.4" / "bin" / "nvcc", "exit 0")
+    chosen = _decide(tmp_path, bin_dir, cuda_home=tmp_path / "cuda-12.4")
+    assert chosen["LLAMA_CMAKE_ARGS"] == f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={nvcc}"
+    assert chosen["LLAMA_NVCC"] == str(nvcc)
+    # (print-VAR echoes inside single quotes: the value's own quotes do not show)
+    assert chosen["LLAMA_BUILD_PATH"] == f"PATH={nvcc.parent}/:\"$PATH\""
+    on_path = _print(REPO, "LLAMA_KEY", "CMAKE_ARGS=-DGGML_CUDA=on")
+    assert chosen["LLAMA_KEY"] != on_path and chosen["LLAMA_KEY"] != _print(
+        REPO, "LLAMA_KEY", "CMAKE_ARGS=")
+    # the key is the key of exactly those flags, as if given by hand
+    assert chosen["LLAMA_KEY"] == _print(REPO, "LLAMA_KEY",
+                                         f"CMAKE_ARGS={chosen['LLAMA_CMAKE_ARGS']}")
+
+
+def test_nvcc_is_looked_for_in_usr_local_cuda_bin(tmp_path):
+    dirs = _print(REPO, "CUDA_BIN_DIRS", "CUDA_HOME=/opt/cuda").split()
+    assert dirs == ["/opt/cuda/bin", "/usr/local/cuda/bin"]  # CUDA_HOME first
+    # the search itself, with a stand-in folder in place of /usr/local/cuda/bin
+    bin_dir = _sandbox(tmp_path)
+    nvcc = _script(tmp_path / "usr-local-cuda" / "bin" / "nvcc", "exit 0")
+    chosen = _decide(tmp_path, bin_dir, f"CUDA_BIN_DIRS={tmp_path / 'missing'} {nvcc.parent}")
+    assert chosen["LLAMA_CMAKE_ARGS"] == f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={nvcc}"
+
+
+@pytest.mark.parametrize("nvcc,gpu", [(True, False), (False, True)])
+def test_no_cuda_without_both_a_gpu_and_nvcc(tmp_path, nvcc, gpu):
+    bin_dir = _sandbox(tmp_path, gpu=gpu)
+    if nvcc:  # nvcc under CUDA_HOME, but nvidia-smi fails: no driver, no GPU
+        _script(tmp_path / "cuda" / "bin" / "nvcc", "exit 0")
+    chosen = _decide(tmp_path, bin_dir, f"CUDA_BIN_DIRS={tmp_path / 'cuda' / 'bin'}")
+    assert chosen["LLAMA_CMAKE_ARGS"] == ""
+    assert chosen["LLAMA_KEY"] == _print(REPO, "LLAMA_KEY", "CMAKE_ARGS=")
+
+
+def test_the_build_runs_with_nvcc_on_its_path_for_flags_given_by_hand(tmp_path):
+    """CMAKE_ARGS=-DGGML_CUDA=on by hand, nvcc only under CUDA_HOME: the flags stay the
+    user's, and the compile sees nvcc on its PATH (CMake's own search finds it there)."""
+    bin_dir = _sandbox(tmp_path)
+    nvcc = _script(tmp_path / "cuda" / "bin" / "nvcc", "exit 0")
+    env = {k: v for k, v in os.environ.items() if k != "CMAKE_ARGS"}
+    env.update(PATH=str(bin_dir), CUDA_HOME=str(tmp_path / "cuda"))
+    plan = subprocess.run([shutil.which("make"), "-n", "venv", f"VENV={tmp_path / 'v'}",
+                           "CMAKE_ARGS=-DGGML_CUDA=on"], cwd=REPO, env=env, check=True,
+                          capture_output=True, text=True, timeout=60).stdout
+    build = next(line for line in plan.splitlines() if "CFLAGS=" in line)
+    assert "CMAKE_ARGS='-DGGML_CUDA=on' " in build
+    assert f"PATH='{nvcc.parent}/':\"$PATH\"" in build
+    # what the shell running that line gives pip: nvcc first on PATH, the flags as given
+    prefix = build.strip().split(" \\")[0]
+    seen = subprocess.run(["bash", "-c", f'{prefix} bash -c \'command -v nvcc; printf %s '
+                           '"$CMAKE_ARGS"\''], capture_output=True, text=True, check=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}).stdout.split("\n")
+    assert seen == [str(nvcc), "-DGGML_CUDA=on"]
