@@ -433,6 +433,7 @@ class KyaraApp(App[None]):
         exchange.reply.finish(status)
         if event.final is not None:
             self.last_final = event.final
+            self.notify_backend(event.final)
         if row is not None and row["status"] == "error":
             self.notify(row.get("error") or "generation failed", severity="error",
                         markup=False, timeout=8)
@@ -445,12 +446,20 @@ class KyaraApp(App[None]):
         if row is not None and status == "complete" and self.judge is not None:
             self.judge_reply(exchange)
 
+    def notify_backend(self, final: Any) -> None:
+        """What the backend said of a reply beyond the reply itself (a server that refused
+        the system role, so the prompt is now folded): one notification."""
+        notice = (getattr(final, "extra", None) or {}).get("notice")
+        if notice:
+            self.notify(notice, severity="warning", markup=False, timeout=15)
+
     def alternative_done(self, event: ReplyDone) -> None:
         """A regenerated reply ended: show the group's chosen one (the new reply, unless it
         failed or was cut short before any text)."""
         exchange, row = event.exchange, event.message
         if event.final is not None:
             self.last_final = event.final
+            self.notify_backend(event.final)
         if row is not None and row["status"] == "error":
             self.notify(row.get("error") or "generation failed", severity="error",
                         markup=False, timeout=8)

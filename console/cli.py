@@ -214,6 +214,8 @@ def ask(
             elif not event.done:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif event.extra.get("notice"):
+                err.print(f"[yellow]{escape(event.extra['notice'])}[/]", soft_wrap=True)
         sys.stdout.write("\n")
     except user_errors() as exc:
         fail(str(exc))

@@ -194,6 +194,9 @@ class CompareScreen(Screen[None]):
         column = self.rounds[event.round][event.index]
         row = event.message
         column.message = row
+        notice = (getattr(event.final, "extra", None) or {}).get("notice")
+        if notice:
+            self.notify(notice, severity="warning", markup=False, timeout=15)
         column.reply.finish(row["status"] if row else "incomplete")
         if row is not None and row["content"]:
             column.badges.set_style(check_reply(row["content"], self.session.persona.speech,

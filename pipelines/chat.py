@@ -321,6 +321,8 @@ class ChatSession:
             return
         finally:
             stream.close()
+        if final is not None and final.extra.get("rendered"):
+            rendered = final.extra["rendered"]  # what the server was really sent (folded)
         if final is not None and final.stop_reason == "error":
             yield final
             yield from self._fail(final.error or "generation failed", options, hits, rendered,

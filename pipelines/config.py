@@ -440,6 +440,11 @@ class OpenAIVariant(_VariantBase):
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = Field(60, gt=0)
+    system_prompt: Literal["auto", "fold", "native"] = Field(
+        "auto", description="fold: the system text goes into the first user turn, as the hf "
+        "and gguf backends do for templates without a system role (Gemma 2 served by vLLM or "
+        "llama.cpp); native: sent as a system message; auto: native until the server refuses "
+        "the system role, then folded (retried once, remembered)")
 
 
 Variant = Union[HFVariant, GGUFVariant, OpenAIVariant]

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -47,6 +46,7 @@ from pipelines.inference.base import (
     final_delta,
     usable_cores,
 )
+from pipelines.inference.loading import attention_for
 from pipelines.inference.registry import GenerationLock, render_for_model
 from pipelines.inference.sources import resolve_path
 from pipelines.prompting import GEMMA_TEMPLATE
@@ -82,18 +82,19 @@ def _load(
     attn: str | None,
     load_in_4bit: bool,
     variant: str,
+    model_type: str | None = None,
 ) -> SharedModel:
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn:
-        kwargs["attn_implementation"] = attn
+    from pipelines.inference.loading import load_causal_lm
+
+    quantization = device_map = None
     if load_in_4bit:
         try:
             from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
+            quantization = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
             )
-            kwargs["device_map"] = {"": 0}
+            device_map = {"": 0}
         except ImportError as exc:
             raise BackendError(
                 f"variant {variant!r}: load_in_4bit needs bitsandbytes ({exc})"
@@ -106,13 +107,14 @@ def _load(
             f"variant {variant!r}: cannot load the tokenizer of {source!r}: {_one_line(exc)}"
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        # the one loader (pipelines.inference.loading): `attn` is already its choice
+        model = load_causal_lm(source, dtype=dtype, model_type=model_type,
+                               attn_implementation=attn, device=device, device_map=device_map,
+                               quantization_config=quantization)
     except Exception as exc:
         raise BackendError(
             f"variant {variant!r}: cannot load model {source!r}: {_one_line(exc)}"
         ) from None
-    if not load_in_4bit:
-        model = model.to(device)
     model.eval()
     return SharedModel(key=key, model=model, tokenizer=tokenizer)
 
@@ -199,13 +201,15 @@ class HFBackend:
             raise BackendError(
                 f"variant {self.name!r}: cannot load model {source!r}: {_one_line(exc)}"
             ) from None
-        # Gemma 2's soft-capped attention is only right in the eager implementation.
-        attn = variant.attn_implementation or ("eager" if config.model_type == "gemma2" else None)
+        # the loaders' one rule: the variant's choice, else eager for Gemma (Gemma 2's
+        # soft-capped attention is only right in the eager implementation)
+        attn = attention_for(config.model_type, variant.attn_implementation)
         key = (source, str(dtype), device, attn, variant.load_in_4bit)
         with _CACHE_LOCK:
             entry = _CACHE.get(key)
             if entry is None:
-                entry = _load(key, source, dtype, device, attn, variant.load_in_4bit, self.name)
+                entry = _load(key, source, dtype, device, attn, variant.load_in_4bit, self.name,
+                              config.model_type)
                 _CACHE[key] = entry
             entry.users += 1
         self._entry = entry
@@ -476,6 +480,13 @@ class HFBackend:
                 reason = "length"
         return final_delta(reason, stop_token, error, len(prompt), out, started, watch.first,
                            ended)
+
+    def resident_models(self) -> list[dict[str, Any]]:
+        """The copies loaded in this process and their adapters (JSON, for a worker's
+        `call`): variants sharing a base show one copy here."""
+        with _CACHE_LOCK:
+            return [{"key": [str(k) for k in key], "adapters": sorted(entry.adapters),
+                     "users": entry.users} for key, entry in _CACHE.items()]
 
     def close(self) -> None:
         entry, self._entry = getattr(self, "_entry", None), None

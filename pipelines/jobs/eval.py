@@ -443,6 +443,8 @@ def generate(cfg: EvalJob, ctx: JobContext, setup: Setup
                     done[record["id"]] = record
                     setup.generated += 1
                     count += 1
+                    if record.get("notice"):
+                        yield ev.log(record["notice"], level="warning")
                     if record.get("error"):
                         yield ev.log(f"{combo.id} {record['set']}/{record['question_id']}: "
                                      f"{record['error']}", level="warning")
@@ -527,6 +529,10 @@ def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator:
         except (BackendError, TemplateError) as exc:
             record["error"] = ev.one_line(str(exc))
             break
+        if final is not None and final.extra.get("rendered"):
+            rendered = final.extra["rendered"]  # what the server was really sent (folded)
+        if final is not None and final.extra.get("notice"):
+            record["notice"] = final.extra["notice"]
         if final is None or final.stop_reason not in ("eos", "length"):
             record["error"] = ev.one_line(
                 (final.error if final is not None else None) or "the stream ended without a stop")

@@ -244,11 +244,10 @@ def make_pairs(cfg: PreferJob, ctx: JobContext, persona: Persona, data: PreferDa
                cuda: bool, summary: dict[str, Any]) -> Iterator[Event]:
     """Samples from the starting variant (samples.jsonl, resumed), best vs worst by style
     score (pairs.jsonl), then the pairs as ids like a preference file's."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from pipelines.evaluation import end_of_generation_ids
+    from pipelines.inference.loading import default_dtype, load_causal_lm
     from pipelines.training import pairs as pairing
 
     settings = cfg.pairs
@@ -262,8 +261,10 @@ def make_pairs(cfg: PreferJob, ctx: JobContext, persona: Persona, data: PreferDa
     if have:
         yield ev.log(f"{len(have)} samples already in {pairing.SAMPLES}: only the rest are "
                      "sampled")
-    model = AutoModelForCausalLM.from_pretrained(
-        data.model_source, dtype=torch.bfloat16 if cuda else torch.float32)
+    # the loader chat uses: samples from the model chat serves (eager attention for Gemma)
+    model = load_causal_lm(data.model_source, dtype=default_dtype(cuda),
+                           model_type=data.model_type,
+                           attn_implementation=data.attn_implementation)
     if data.start is not None:
         model = PeftModel.from_pretrained(model, str(data.start), is_trainable=False)
     model.to("cuda" if cuda else "cpu").eval()
@@ -487,7 +488,8 @@ def before_after(cfg: PreferJob, ctx: JobContext, persona: Persona, data: Prefer
     from pipelines.training.preference import before_after as measure
 
     report = measure(ctx, cfg, persona, cfg.base, name, data.model_source, data.start, adapter,
-                     [q.question for q in questions], data.template, data.end_id, cuda)
+                     [q.question for q in questions], data.template, data.end_id, cuda,
+                     model_type=data.model_type, attn_implementation=data.attn_implementation)
     facts = fact_hits(questions, report)
     if facts is not None:
         report["intervals"]["before"]["fact_hits"], report["intervals"]["after"]["fact_hits"] = facts

@@ -484,7 +484,8 @@ def mini_evaluation(cfg: TrainJob, ctx: JobContext, persona: Persona, base: HFVa
     from pipelines.training.mini_eval import run_mini_eval
 
     report = run_mini_eval(ctx, cfg, persona, base.name, name, data.model_source, adapter,
-                           [q.question for q in questions], data.template, data.end_id, cuda)
+                           [q.question for q in questions], data.template, data.end_id, cuda,
+                           attn_implementation=base.attn_implementation)
     (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
                                    encoding="utf-8")
     yield ev.log("mini-evaluation (greedy, max "

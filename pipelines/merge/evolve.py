@@ -274,8 +274,9 @@ class Evaluator:
     def __init__(self, cfg: EvolveJob, workspace: Any, space: SearchSpace,
                  judge: Any = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        from pipelines.inference.loading import load_causal_lm
         from pipelines.merge.inmemory import InMemoryMerger, SourceIndex, check_compatible
 
         self.cfg = cfg
@@ -289,8 +290,10 @@ class Evaluator:
         # The one resident model, loaded from the base (or first) model; every candidate
         # overwrites all of its tensors. On a GPU it is loaded there directly (device_map),
         # never staged whole in host RAM.
-        extra = {"device_map": {"": self.device}} if self.device != "cpu" else {}
-        self.model = AutoModelForCausalLM.from_pretrained(donor, dtype=dtype, **extra)
+        # The loader chat uses (eager attention for Gemma): the fitness is measured on the
+        # model a merged variant is then served as.
+        self.model = load_causal_lm(donor, dtype=dtype, device_map={"": self.device}
+                                    if self.device != "cpu" else None)
         self.model.eval()
         self.merger = InMemoryMerger(self.model, indexes, device=self.device)
         tok_dir = next((f for f in folders if (Path(f) / "tokenizer_config.json").is_file()),

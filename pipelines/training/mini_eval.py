@@ -30,14 +30,17 @@ TARGETS = {"ends_maru": "≥ 80%", "ojousama": "≥ 60%", "median_chars": "≤ 4
 
 def run_mini_eval(ctx: Any, cfg: TrainJob, persona: Persona, base_name: str, name: str,
                   model_source: Path | str, adapter: Path, questions: list[str], template: str,
-                  end_id: int, cuda: bool) -> dict[str, Any]:
-    import torch
+                  end_id: int, cuda: bool, attn_implementation: str | None = None
+                  ) -> dict[str, Any]:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pipelines.inference.loading import default_dtype, load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(model_source)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    # the loader chat uses: the figures come from the model chat serves (eager for Gemma)
+    model = load_causal_lm(model_source, dtype=default_dtype(cuda),
+                           attn_implementation=attn_implementation)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.to("cuda" if cuda else "cpu").eval()
     # end_id, the terminator training taught, is <end_of_turn> or EOS: always among these

@@ -356,22 +356,24 @@ def interval_table(before: dict[str, Any], after: dict[str, Any], names: tuple[s
 
 def before_after(ctx: Any, cfg: Any, persona: Any, before_name: str, after_name: str,
                  model_source: Path | str, start_adapter: Path | None, adapter: Path,
-                 questions: list[str], template: str, end_id: int, cuda: bool) -> dict[str, Any]:
+                 questions: list[str], template: str, end_id: int, cuda: bool, *,
+                 model_type: str | None = None, attn_implementation: str | None = None
+                 ) -> dict[str, Any]:
     """The variant training started from (its adapter, or the bare base) and the trained
     one, greedy on the same questions through pipelines.evaluation; one loaded base, the two
     adapters switched."""
     from dataclasses import asdict
 
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pipelines.evaluation import end_of_generation_ids, figures, generate, table
+    from pipelines.inference.loading import default_dtype, load_causal_lm
     from pipelines.training.mini_eval import TARGETS, _judge
 
     tokenizer = AutoTokenizer.from_pretrained(model_source)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_source, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = load_causal_lm(model_source, dtype=default_dtype(cuda), model_type=model_type,
+                           attn_implementation=attn_implementation)
     model = PeftModel.from_pretrained(model, str(adapter), adapter_name="trained",
                                       is_trainable=False)
     if start_adapter is not None:

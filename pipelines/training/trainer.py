@@ -96,25 +96,23 @@ def fsdp_arguments(cfg: Any) -> dict[str, Any]:
 def load_base_model(cfg: Any, model_source: Path | str, model_type: str,
                     attn_implementation: str | None, cuda: bool) -> Any:
     """The base model a train or prefer job puts its LoRA on: bf16 on CUDA (4-bit NF4 with
-    `cfg.qlora`, prepared for k-bit training), fp32 on the CPU; eager attention for Gemma
-    (Gemma 2's soft-capped attention needs it), else the variant's choice."""
-    from transformers import AutoModelForCausalLM
+    `cfg.qlora`, prepared for k-bit training), fp32 on the CPU; attention by the one loader's
+    rule (pipelines.inference.loading: eager for Gemma unless the variant names one)."""
+    from pipelines.inference.loading import default_dtype, load_causal_lm
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if model_type.startswith("gemma"):
-        kwargs["attn_implementation"] = "eager"
-    elif attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    quantization = device_map = None
     if cfg.qlora:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         # this process's GPU: with processes > 1 each rank is launched with its LOCAL_RANK
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_source, **kwargs)
+    model = load_causal_lm(model_source, dtype=default_dtype(cuda), model_type=model_type,
+                           attn_implementation=attn_implementation, device_map=device_map,
+                           quantization_config=quantization)
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
 

@@ -11,7 +11,11 @@ README's "Serving on vLLM" holds without a GPU here:
   "code": 400}` for a prompt longer than --max-model-len (newer versions wrap the same
   fields in {"error": {...}}), and {"error": "Unauthorized"} for a wrong --api-key;
 - streaming: a first chunk with the role and empty content, the pieces, a chunk with the
-  finish reason, a usage chunk when asked (stream_options.include_usage), [DONE].
+  finish reason, a usage chunk when asked (stream_options.include_usage), [DONE];
+- Gemma 2's chat template refuses a system message: vLLM answers it with the same 400
+  error body, "System role not supported" (the template's raise_exception). Only the error
+  shape is replayed here: the template itself runs in a real server in
+  tests/test_gemma2_server.py.
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ class VLLMHandler(BaseHTTPRequestHandler):
         if prompt + completion > MAX_MODEL_LEN:
             return self._error(TOO_LONG.format(max=MAX_MODEL_LEN, asked=prompt + completion,
                                                prompt=prompt, completion=completion))
+        if body["messages"] and body["messages"][0]["role"] == "system":
+            return self._error("System role not supported")
         if body.get("stream"):
             return self._stream(body)
         choice = {"index": 0, "message": {"role": "assistant", "content": ANSWER,
@@ -267,3 +273,54 @@ def test_the_readme_examples_are_valid_configs():
     variant = parse_variant(blocks[1], "README.md")
     assert judge.provider == "openai_compatible" and judge.base_url and judge.logprobs
     assert variant.backend == "openai" and variant.base_url == judge.base_url
+
+
+SYSTEM = [{"role": "system", "content": "あなたは小野寺絢音です。"},
+          {"role": "user", "content": "こんにちは！"}]
+FOLDED = [{"role": "user", "content": "あなたは小野寺絢音です。\n\nこんにちは！"}]
+
+
+@pytest.fixture
+def fresh_folds(monkeypatch):
+    """What this process learnt of servers that refuse the system role, emptied per test."""
+    from pipelines.inference import openai_backend
+
+    monkeypatch.setattr(openai_backend, "_FOLDED", set())
+
+
+def test_a_refused_system_role_is_retried_folded_once_and_remembered(chat, server, fresh_folds):
+    backend = chat()
+    assert json.loads(backend.render(SYSTEM)) == SYSTEM  # native until the server says no
+    deltas = list(backend.stream(SYSTEM, GenerationOptions(max_new_tokens=32, seed=1)))
+    assert "".join(d.text for d in deltas[:-1]) == "ごきげんよう、絢音ですわ。"
+    final = deltas[-1]
+    assert final.stop_reason == "eos"
+    assert "refuses the system role (System role not supported)" in final.extra["notice"]
+    assert "system_prompt: fold" in final.extra["notice"]
+    assert json.loads(final.extra["rendered"]) == FOLDED
+    assert [r["messages"] for r in server.requests] == [SYSTEM, FOLDED]
+    # remembered: the next turn, and another backend on the same server, go folded at once
+    again = list(chat().stream(SYSTEM, GenerationOptions(max_new_tokens=32, seed=1)))
+    assert "notice" not in again[-1].extra and server.requests[-1]["messages"] == FOLDED
+    assert len(server.requests) == 3
+    assert json.loads(backend.render(SYSTEM)) == FOLDED
+
+
+def test_fold_in_the_config_never_sends_a_system_message(chat, server, fresh_folds):
+    deltas = list(chat(system_prompt="fold").stream(SYSTEM, GenerationOptions(max_new_tokens=8)))
+    assert deltas[-1].stop_reason == "eos" and "notice" not in deltas[-1].extra
+    assert [r["messages"] for r in server.requests] == [FOLDED]
+
+
+def test_native_in_the_config_keeps_the_refusal_as_one_line(chat, server, fresh_folds):
+    with pytest.raises(BackendError) as caught:
+        list(chat(system_prompt="native").stream(SYSTEM, GenerationOptions(max_new_tokens=8)))
+    assert "answered HTTP 400: System role not supported" in one_line(str(caught.value))
+    assert len(server.requests) == 1
+
+
+def test_another_400_is_not_retried_folded(chat, server, fresh_folds):
+    long = [SYSTEM[0], {"role": "user", "content": "長い" * MAX_MODEL_LEN}]
+    with pytest.raises(BackendError) as caught:
+        list(chat().stream(long, GenerationOptions(max_new_tokens=8)))
+    assert "maximum context length" in str(caught.value) and len(server.requests) == 1
