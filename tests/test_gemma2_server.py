@@ -16,9 +16,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import yaml
@@ -28,21 +25,11 @@ from pipelines.inference.base import BackendError, GenerationOptions
 from pipelines.inference.embedded import ensure_embedded
 from pipelines.inference.openai_backend import OpenAIBackend
 from tests.conftest import CONFIGS
-from tests.test_llama_server import free_port
+from tests.inference.conftest import GEMMA2_TEMPLATE  # the published template, verbatim
+from tests.test_llama_server import llama_server
 
 pytestmark = pytest.mark.slow
 
-# google/gemma-2-2b-jpn-it, tokenizer_config.json "chat_template", as published
-GEMMA2_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
-    "not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == "
-    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
-    "alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == "
-    "'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
-    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{'<start_of_turn>model\\n'}}{% endif %}"
-)
 MODEL = "gemma2-template"
 SYSTEM = [{"role": "system", "content": "あなたは小野寺絢音です。"},
           {"role": "user", "content": "こんにちは"}]
@@ -64,30 +51,9 @@ def gemma2_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(gemma2_gguf):
-    port = free_port()
     log_path = gemma2_gguf.with_suffix(".log")
-    log = open(log_path, "wb")  # not a pipe: llama.cpp's logs would fill it and block
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma2_gguf),
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192",
-         "--model_alias", MODEL],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/models", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError(log_path.read_text(errors="replace")[-2000:])
-    yield base
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    with llama_server(gemma2_gguf, log_path, "--n_ctx", "8192", "--model_alias", MODEL) as base:
+        yield base
     # the server applied the file's own template, not a built-in chat format
     assert "Using gguf chat template" in log_path.read_text(errors="replace")
 

@@ -4,6 +4,7 @@ scores through it and keeps the raw text whatever the small model answers."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -28,33 +29,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def llama_server(model, log_path, *args: str):
+    """`python -m llama_cpp.server` on 127.0.0.1 with `model` and `args`; its base URL once
+    it answers /v1/models (2 minutes at most); terminated on exit."""
+    port = free_port()
+    log = open(log_path, "wb")  # not a pipe: llama.cpp logs would fill it and block
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/models", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        else:
+            proc.kill()
+            raise AssertionError(log_path.read_text(errors="replace")[-2000:])
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     model = ensure_embedded("gemma3-270m", home)
-    port = free_port()
-    log = open(home / "server.log", "wb")  # not a pipe: llama.cpp logs would fill it and block
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "4096", "--chat_format", "gemma",
-         "--model_alias", "gemma3-270m"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/models", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError((home / "server.log").read_text(errors="replace")[-2000:])
-    yield base
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    with llama_server(model, home / "server.log", "--n_ctx", "4096", "--chat_format", "gemma",
+                      "--model_alias", "gemma3-270m") as base:
+        yield base
 
 
 def test_openai_backend_streams_from_llama_cpp_server(server):

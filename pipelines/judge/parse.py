@@ -71,27 +71,44 @@ def _as_score(number: str) -> int | None:
     return int(number) if len(number) == 1 and number in "1234567" else None
 
 
-def parse_score(text: str | None) -> ParsedScore | None:
-    """The final score, or None when the answer has no valid final score. Never raises."""
-    if not text:
-        return None
+def _lines(text: str) -> tuple[list[str], list[int]]:
+    """The lines (str.splitlines, ends kept) and the offset in text where each starts."""
     lines = text.splitlines(keepends=True)
     starts: list[int] = []
     position = 0
     for line in lines:
         starts.append(position)
         position += len(line)
+    return lines, starts
+
+
+def _bare(line: str) -> str:
+    return line.rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _score_line(raw: str) -> tuple[re.Match[str], int, list[int]] | None:
+    """A line that is a score and nothing else: the match, its lead, the raw positions."""
+    norm, origin = _normalise(raw)
+    match = _STANDALONE.match(norm.strip())
+    return (match, len(norm) - len(norm.lstrip()), origin) if match else None
+
+
+def parse_score(text: str | None) -> ParsedScore | None:
+    """The final score, or None when the answer has no valid final score. Never raises."""
+    if not text:
+        return None
+    lines, starts = _lines(text)
     last_nonempty = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip()), None)
     for index in range(len(lines) - 1, -1, -1):
-        raw = lines[index].rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+        raw = _bare(lines[index])
         if not raw.strip():
             continue
-        norm, origin = _normalise(raw)
-        match = _STANDALONE.match(norm.strip())
-        if match:
-            lead = len(norm) - len(norm.lstrip())
+        line = _score_line(raw)
+        if line:
+            match, lead, origin = line
             return _found(match, lead, origin, starts[index], index, "line")
         if index == last_nonempty:
+            norm, origin = _normalise(raw)
             for pattern in _IN_SENTENCE:
                 found = list(pattern.finditer(norm))
                 if found:
@@ -118,22 +135,16 @@ def decision_offset(text: str, parsed: ParsedScore) -> int:
     sentence has no repeat: its own offset."""
     if parsed.form != "line":
         return parsed.offset
-    lines = text.splitlines(keepends=True)
-    starts: list[int] = []
-    position = 0
-    for line in lines:
-        starts.append(position)
-        position += len(line)
+    lines, starts = _lines(text)
     offset = parsed.offset
     for index in range(parsed.line - 1, -1, -1):
-        raw = lines[index].rstrip("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+        raw = _bare(lines[index])
         if not raw.strip():
             continue
-        norm, origin = _normalise(raw)
-        match = _STANDALONE.match(norm.strip())
-        if not match:
+        line = _score_line(raw)
+        if not line:
             break
-        lead = len(norm) - len(norm.lstrip())
+        match, lead, origin = line
         found = _found(match, lead, origin, starts[index], index, "line")
         if found is None or found.score != parsed.score:
             break
