@@ -8,6 +8,13 @@ Why a manual loop over `Llama.generate` rather than `create_chat_completion`:
   `<start_of_turn>` becomes one control token and BOS is not doubled;
 - closing the generator stops generation at once: nothing runs between two yields.
 
+One `Llama` per base file: variants on the same model file with the same n_ctx, GPU
+layers and threads share one loaded model and context from a module-level cache, and a
+variant's LoRA is a llama.cpp adapter on it (`llama_adapter_lora_init`), set on the context
+per request (`llama_set_adapters_lora`; none for the plain base). On a switch the context
+is reset, so no key/value entry made under one adapter (llama-cpp-python reuses the longest
+common prompt prefix) is read under another. A lock keeps two replies off one context.
+
 Errors before the first token (no model, a context overflow) raise BackendError; an error
 after text has streamed ends the stream with an `error` Delta so the partial reply is kept.
 """
@@ -15,8 +22,11 @@ after text has streamed ends the stream with an `error` Delta so the partial rep
 from __future__ import annotations
 
 import codecs
+import ctypes
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +77,27 @@ def model_file(variant: GGUFVariant, home: Path | None) -> Path:
     return path
 
 
+@dataclass
+class SharedLlama:
+    key: tuple
+    llm: Any  # llama_cpp.Llama, loaded without a LoRA
+    lock: GenerationLock = field(default_factory=GenerationLock)
+    adapters: dict[str, Any] = field(default_factory=dict)  # LoRA file -> its adapter
+    adapter_users: dict[str, int] = field(default_factory=dict)
+    active: str | None = None  # the LoRA file set on the context now (None: the base)
+    users: int = 0
+
+
+_SHARED: dict[tuple, SharedLlama] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_models() -> dict[tuple, list[str]]:
+    """The loaded Llamas, by (model file, n_ctx, GPU layers, threads): their LoRA files."""
+    with _SHARED_LOCK:
+        return {key: sorted(entry.adapters) for key, entry in _SHARED.items()}
+
+
 class GGUFBackend:
     def __init__(self, variant: GGUFVariant, home: Path | None = None) -> None:
         import llama_cpp
@@ -81,34 +112,88 @@ class GGUFBackend:
         if lora is not None and not lora.is_file():
             raise BackendError(f"variant {variant.name!r}: LoRA file not found: {lora}")
         self.settings = engine_settings(variant, llama_cpp)
+        key = (str(self.model_path.resolve()), variant.n_ctx, self.settings["n_gpu_layers"],
+               self.settings["n_threads"])
+        with _SHARED_LOCK:
+            entry = _SHARED.get(key)
+            if entry is None:
+                entry = SharedLlama(key=key, llm=self._open(llama_cpp))
+                _SHARED[key] = entry
+            entry.users += 1
+        self._entry = entry
+        self.llm = entry.llm
+        self.lora: str | None = None
+        self._lock = entry.lock
         try:
-            self.llm = llama_cpp.Llama(
+            if lora is not None:
+                self._attach_lora(str(lora.resolve()))
+            self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+            self.eog_tokens = self._end_of_generation_tokens()
+            self._bos_id = self.llm.token_bos()
+            self._add_bos = (bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+                             and self._bos_id >= 0)
+            self.bos_text = self._token_text(self._bos_id) if self._bos_id >= 0 else ""
+            eos_id = self.llm.token_eos()
+            self.eos_text = self._token_text(eos_id) if eos_id >= 0 else ""
+            self.chat_template = self._chat_template()
+        except BaseException:
+            self.close()  # a variant that failed to set up does not pin the shared model
+            raise
+        self.last: Delta | None = None  # the final Delta of the latest stream, cancelled ones too
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def _open(self, llama_cpp: Any) -> Any:
+        try:
+            return llama_cpp.Llama(
                 model_path=str(self.model_path),
-                n_ctx=variant.n_ctx,
+                n_ctx=self.variant.n_ctx,
                 n_gpu_layers=self.settings["n_gpu_layers"],
                 n_threads=self.settings["n_threads"],
                 n_threads_batch=self.settings["n_threads"],
-                lora_path=str(lora) if lora else None,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             detail = " ".join(str(exc).split()) or type(exc).__name__
             raise BackendError(
-                f"variant {variant.name!r}: cannot load {self.model_path} "
+                f"variant {self.name!r}: cannot load {self.model_path} "
                 f"(a truncated or corrupt GGUF, or one this llama.cpp cannot read): {detail}"
             ) from None
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.eog_tokens = self._end_of_generation_tokens()
-        self._bos_id = self.llm.token_bos()
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)) and self._bos_id >= 0
-        self.bos_text = self._token_text(self._bos_id) if self._bos_id >= 0 else ""
-        eos_id = self.llm.token_eos()
-        self.eos_text = self._token_text(eos_id) if eos_id >= 0 else ""
-        self.chat_template = self._chat_template()
-        self._lock = GenerationLock()
-        self.last: Delta | None = None  # the final Delta of the latest stream, cancelled ones too
 
-    # --- set-up -------------------------------------------------------------------------
+    def _attach_lora(self, path: str) -> None:
+        entry = self._entry
+        with entry.lock:  # not while another variant generates on this context
+            if path not in entry.adapters:
+                adapter = self._llama_cpp.llama_adapter_lora_init(self.llm.model,
+                                                                  path.encode("utf-8"))
+                if not adapter:
+                    raise BackendError(
+                        f"variant {self.name!r}: cannot load LoRA {path} on "
+                        f"{self.model_path.name} (a LoRA GGUF for another base model, or a "
+                        "file this llama.cpp cannot read)")
+                entry.adapters[path] = adapter
+            entry.adapter_users[path] = entry.adapter_users.get(path, 0) + 1
+            self.lora = path
+
+    def _select_adapter(self) -> None:
+        """This variant's LoRA (or none) on the shared context, under its lock; the context
+        is reset on a change, so the next prompt is evaluated whole under it."""
+        entry = self._entry
+        if entry.active == self.lora:
+            return
+        llama_cpp = self._llama_cpp
+        if self.lora is None:
+            failed = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(entry.adapters[self.lora])
+            scales = (ctypes.c_float * 1)(1.0)
+            failed = llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, scales)
+        entry.active = None  # unknown until set: a failed call leaves no claim behind
+        self.llm.reset()
+        if failed:
+            raise BackendError(f"variant {self.name!r}: llama.cpp could not set "
+                               f"{'its LoRA' if self.lora else 'the base model'} on the context")
+        entry.active = self.lora
 
     def _token_text(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
@@ -165,6 +250,7 @@ class GGUFBackend:
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Delta]:
         with self._lock:
             started = time.perf_counter()
+            self._select_adapter()
             prompt = self.tokenize_prompt(messages)
             n_ctx = self.llm.n_ctx()
             if len(prompt) >= n_ctx:
@@ -219,7 +305,36 @@ class GGUFBackend:
                                     first, time.perf_counter())
             yield self.last
 
+    def resident_models(self) -> list[dict[str, Any]]:
+        """The Llamas loaded in this process and their LoRAs (JSON, for a worker's `call`):
+        variants sharing a base file show one here."""
+        with _SHARED_LOCK:
+            return [{"key": [str(k) for k in key], "adapters": sorted(entry.adapters),
+                     "users": entry.users} for key, entry in _SHARED.items()]
+
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            llm.close()
+        """This variant's share: its LoRA freed when no other variant uses it, the model
+        when it was the last user."""
+        entry, self._entry = getattr(self, "_entry", None), None
+        if entry is None:
+            return
+        lora, self.lora = getattr(self, "lora", None), None
+        if lora is not None:
+            with entry.lock:
+                entry.adapter_users[lora] -= 1
+                if entry.adapter_users[lora] == 0:
+                    del entry.adapter_users[lora]
+                    if entry.active == lora:
+                        self._llama_cpp.llama_set_adapters_lora(entry.llm.ctx, None, 0, None)
+                        entry.active = None
+                        entry.llm.reset()
+                    self._llama_cpp.llama_adapter_lora_free(entry.adapters.pop(lora))
+        with _SHARED_LOCK:
+            entry.users -= 1
+            if entry.users > 0 or _SHARED.get(entry.key) is not entry:
+                return
+            del _SHARED[entry.key]
+        for adapter in entry.adapters.values():  # before the model they belong to
+            self._llama_cpp.llama_adapter_lora_free(adapter)
+        entry.adapters.clear()
+        entry.llm.close()

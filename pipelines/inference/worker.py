@@ -1,25 +1,37 @@
 """Models in their own process: a native crash, CUDA out of memory, the OOM killer or a
 `kill -9` ends that process, never the console or `kyara ask`.
 
-One child process per loaded model (`python -m pipelines.inference.worker`), speaking JSON
-Lines: requests on its stdin, replies on a private copy of its stdout (fd 1 itself is
+One child process per loaded base model (`python -m pipelines.inference.worker`), speaking
+JSON Lines: requests on its stdin, replies on a private copy of its stdout (fd 1 itself is
 pointed at stderr, so whatever llama.cpp or torch print cannot break the protocol; stderr
-goes to `<home>/logs/worker-<name>.log`). The child builds its model with a function named
-by import string, with the same in-process code the jobs use (`registry.load_backend`;
-the local judge's `LlamaCppProvider`), so what runs there is what the tests of those
-classes prove, and this module depends on nothing above it.
+goes to `<home>/logs/worker-<base>.log`). The child builds each backend with a function
+named by import string, with the same in-process code the jobs use
+(`registry.load_backend`; the local judge's `LlamaCppProvider`), so what runs there is
+what the tests of those classes prove, and this module depends on nothing above it.
+
+Several backends can live in one child, each under a handle: variants that share a base
+model and differ by an adapter (`shared_model_key`) are one child, and the in-process
+caches of the backends (hf: one copy and PEFT adapters switched per request; gguf: one
+`Llama` and LoRA adapters switched per request) make them one copy of the base there.
 
 Requests, one at a time per process (a stream holds the process until its last line):
-  {"op": "load", "target": "module:function", "args": {...}} -> {"ok": true, "info": {...}}
-  {"id": n, "op": "render", "messages": [...]}     -> {"id": n, "result": "<prompt text>"}
-  {"id": n, "op": "stream", "messages", "options"} -> {"id": n, "delta": {...}} ... {"id": n, "end": true}
+  {"op": "load", "handle": h, "target": "module:function", "args": {...}}
+                                                   -> {"ok": true, "info": {...}} (first line)
+  {"id": n, "op": "load", "handle": h, "target", "args"} -> {"id": n, "result": {info}}
+  {"id": n, "op": "unload", "handle": h}           -> {"id": n, "result": null}
+  {"id": n, "op": "render", "handle": h, "messages": [...]} -> {"id": n, "result": "<prompt>"}
+  {"id": n, "op": "stream", "handle": h, "messages", "options"}
+                                  -> {"id": n, "delta": {...}} ... {"id": n, "end": true}
   {"id": n, "op": "cancel"}                        (read while streaming; the stream ends)
-  {"id": n, "op": "call", "method": m, "args": {}} -> {"id": n, "result": <JSON>}
-Any request can answer {"id": n, "error": "one line", "type": "BackendError", "fields": {}}.
+  {"id": n, "op": "call", "handle": h, "method": m, "args": {}} -> {"id": n, "result": <JSON>}
+Without "handle", a request goes to the first backend loaded. Any request can answer
+{"id": n, "error": "one line", "type": "BackendError", "fields": {}}.
 
 The parent side (`ModelProcess`, `WorkerBackend`; the judge's `WorkerProvider`) turns the
-child's death into one BackendError line (the variant, the signal or exit code, what to
-try) and starts a fresh child on the next request.
+child's death into one BackendError line (the variant whose request was in flight, the
+others that child served, the signal or exit code, what to try) for every request in
+flight or waiting on it, and the next request starts a fresh child with every backend
+attached to it loaded again. A shared child ends when the last WorkerBackend on it closes.
 
 Why not multiprocessing: a spawned child re-imports the parent's __main__ (the console),
 and a pipe of pickles would still need the same death handling; a subprocess with JSON
@@ -29,6 +41,7 @@ Lines keeps the child's imports to exactly what the model needs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import queue
@@ -41,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.inference.base import BackendError, Delta, GenerationOptions, Message
+from pipelines.inference.registry import ENV_BACKENDS
+from pipelines.inference.sources import resolve_path
 
 CANCEL_GRACE_S = 10.0  # a cancelled stream must end this soon, or its process is killed
 _END = object()
@@ -95,20 +110,31 @@ def last_log_line(path: Path | None) -> str:
     return ""
 
 
-class ModelProcess:
-    """One child process and the one request it serves at a time."""
+DEFAULT_HANDLE = "main"  # the handle of a process made with one load (the local judge's)
 
-    def __init__(self, load: dict[str, Any], label: str, log_path: Path | None = None,
+
+class ModelProcess:
+    """One child process, the backends loaded in it (one per handle), and the one request
+    it serves at a time. After a death, `ensure` starts a fresh child and loads every
+    handle again."""
+
+    def __init__(self, load: dict[str, Any] | None, label: str, log_path: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.load_request = {"op": "load", **load}
         self.label = label
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self.info: dict[str, Any] = {}
+        self.loads: dict[str, dict[str, Any]] = {}  # handle -> {"target", "args"}
+        self.labels: dict[str, str] = {}  # handle -> "variant 'x'", for its error lines
+        self.infos: dict[str, dict[str, Any]] = {}  # handle -> what its load answered
+        self._loaded: set[str] = set()  # the handles the current child has loaded
+        if load is not None:
+            self.loads[DEFAULT_HANDLE] = dict(load)
+            self.labels[DEFAULT_HANDLE] = label
         self._replies: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one request at a time
         self._owner: int | None = None
+        self._start_lock = threading.RLock()  # one start or load at a time
         self._next_id = 0
 
     @property
@@ -119,8 +145,41 @@ class ModelProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self) -> dict[str, Any]:
-        """Start the child and load the model; BackendError (one line) when it cannot."""
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.infos.get(DEFAULT_HANDLE) or next(iter(self.infos.values()), {})
+
+    def start(self, first: str | None = None) -> dict[str, Any]:
+        """Start a child and load every handle in it, `first` first; BackendError (one line)
+        when `first` cannot load. Another handle that fails is left unloaded: its own next
+        request loads it again and says why."""
+        handles = sorted(self.loads, key=lambda h: h != first)
+        if not handles:
+            raise BackendError(f"{self.label}: nothing to load in the model process")
+        head = handles[0]
+        with self._start_lock:
+            self._acquire()  # no request of the previous child is still reading its replies
+            try:
+                self._spawn()
+                self._send({"op": "load", "handle": head, **self.loads[head]})
+                reply = self._get("loading the model", self.labels.get(head))
+                if "error" in reply:
+                    self._close_child()
+                    raise BackendError(reply["error"])
+                self.infos[head] = reply.get("info") or {}
+                self._loaded = {head}
+            finally:
+                self._release()
+            for handle in handles[1:]:
+                try:
+                    self._load_handle(handle)
+                except WorkerDied:
+                    raise
+                except BackendError:
+                    pass
+            return self.infos[head]
+
+    def _spawn(self) -> None:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(self.log_path, "ab")
@@ -143,15 +202,50 @@ class ModelProcess:
             if log is not subprocess.DEVNULL:
                 log.close()
         self._replies = queue.Queue()
+        self._loaded = set()
         threading.Thread(target=self._read, args=(self.proc, self._replies), daemon=True,
                          name=f"kyara-worker-{self.proc.pid}").start()
-        self._send(self.load_request)
-        reply = self._get("loading the model")
-        if "error" in reply:
-            self.close()
-            raise BackendError(reply["error"])
-        self.info = reply.get("info") or {}
-        return self.info
+
+    def _load_handle(self, handle: str) -> None:
+        info = self.request("load", "loading the model", label=self.labels.get(handle),
+                            handle=handle, **self.loads[handle])
+        self.infos[handle] = info or {}
+        self._loaded.add(handle)
+
+    def ensure(self, handle: str = DEFAULT_HANDLE) -> None:
+        """A live child with `handle` loaded: a fresh child (every handle loaded again) after
+        a death; BackendError when `handle` cannot load."""
+        with self._start_lock:
+            if not self.alive:
+                self.start(first=handle)
+            elif handle not in self._loaded:
+                self._load_handle(handle)
+
+    def attach(self, handle: str, load: dict[str, Any], label: str) -> dict[str, Any]:
+        """Load one more backend in this process (starting it if need be); its info."""
+        with self._start_lock:
+            self.loads[handle] = dict(load)
+            self.labels[handle] = label
+        self.ensure(handle)
+        return self.infos[handle]
+
+    def detach(self, handle: str) -> bool:
+        """Unload one backend; the child exits with the last. True when none is left."""
+        with self._start_lock:
+            self.loads.pop(handle, None)
+            self.labels.pop(handle, None)
+            self.infos.pop(handle, None)
+            loaded = handle in self._loaded
+            self._loaded.discard(handle)
+            if not self.loads:
+                self.close()
+                return True
+        if loaded and self.alive:
+            try:  # frees its share in the child (an adapter's users, a model no one else uses)
+                self.request("unload", "unloading a variant", handle=handle)
+            except BackendError:
+                pass  # a dead child frees everything anyway
+        return False
 
     @staticmethod
     def _read(proc: subprocess.Popen, replies: queue.Queue) -> None:
@@ -172,13 +266,22 @@ class ModelProcess:
         except (BrokenPipeError, OSError, ValueError):
             pass  # the child is gone: the reader reports how when its output ends
 
-    def _get(self, doing: str, timeout: float | None = None) -> dict[str, Any]:
+    def _get(self, doing: str, label: str | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
         item = self._replies.get(timeout=timeout)
         if item is _END:
             self._replies.put(_END)  # every later read sees the death too
             code = self.proc.returncode if self.proc is not None else None
-            raise WorkerDied(death_line(self.label, code, doing, self.log_path))
+            raise WorkerDied(death_line(self._who(label), code, doing, self.log_path))
         return item
+
+    def _who(self, label: str | None) -> str:
+        """The variant whose request was in flight, and the others that process served."""
+        label = label or self.label
+        others = sorted({v for v in self.labels.values() if v != label})
+        if not others:
+            return label
+        return f"{label} (its model process also served {', '.join(others)})"
 
     def _acquire(self) -> None:
         me = threading.get_ident()
@@ -193,20 +296,21 @@ class ModelProcess:
         self._owner = None
         self._lock.release()
 
-    def request(self, op: str, doing: str, **args: Any) -> Any:
+    def request(self, op: str, doing: str, label: str | None = None, **args: Any) -> Any:
         self._acquire()
         try:
             self._next_id += 1
             rid = self._next_id
             self._send({"id": rid, "op": op, **args})
-            reply = self._get(doing)
+            reply = self._get(doing, label)
             if "error" in reply:
                 raise remote_error(reply)
             return reply.get("result")
         finally:
             self._release()
 
-    def stream(self, op: str, doing: str, **args: Any) -> Iterator[dict[str, Any]]:
+    def stream(self, op: str, doing: str, label: str | None = None,
+               **args: Any) -> Iterator[dict[str, Any]]:
         """The child's lines for one streamed request. Closing the generator cancels the
         request in the child and waits (CANCEL_GRACE_S at most) for its end, so the next
         request starts clean; a child that does not end by then is killed."""
@@ -218,7 +322,7 @@ class ModelProcess:
             rid = self._next_id
             self._send({"id": rid, "op": op, **args})
             while True:
-                reply = self._get(doing)
+                reply = self._get(doing, label)
                 if reply.get("end"):
                     ended = True
                     return
@@ -252,7 +356,10 @@ class ModelProcess:
             self.proc.wait()
 
     def close(self) -> None:
-        """Ask the child to exit (the model is freed with it); kill it if it will not."""
+        """Ask the child to exit (its models are freed with it); kill it if it will not."""
+        self._close_child()
+
+    def _close_child(self) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -290,10 +397,12 @@ def worker_log(home: Path | None, name: str) -> Path | None:
 class WorkerBackend:
     """A ChatBackend whose model lives in a child process (see the module's docstring).
     The model is loaded when this object is made, so load errors surface where they did
-    in process; after a death, the next render or stream starts a fresh child."""
+    in process; after a death, the next render or stream starts a fresh child. Variants
+    whose model would be one copy (`shared_model_key`) share one child, which ends when
+    the last of them closes; `share=False` gives this one a child of its own."""
 
-    def __init__(self, variant: Any, home: Path | None, *, env: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(self, variant: Any, home: Path | None, *, env: dict[str, str] | None = None,
+                 share: bool = True) -> None:
         self.variant = variant
         self.name = variant.name
         self.home = Path(home) if home is not None else None
@@ -303,30 +412,48 @@ class WorkerBackend:
                                "home": str(self.home) if self.home is not None else None}}
         self._env = env
         self.last: Delta | None = None
-        self._start_lock = threading.Lock()  # the chat and a comparison may both restart it
-        self.process = self._start()
-
-    def _start(self) -> ModelProcess:
-        process = ModelProcess(self._load, self.label, worker_log(self.home, self.name),
-                               self._env)
-        process.start()
-        return process
+        with _SHARED_LOCK:
+            self.handle = f"{variant.name}#{next(_HANDLES)}"
+            key = shared_model_key(variant, self.home) if share else None
+            self._key = None if key is None else (key, str(self.home), _env_key(env))
+            process = _SHARED.get(self._key) if self._key is not None else None
+            if process is None:
+                name = self.name if key is None else base_name(variant)
+                process = ModelProcess(None, self.label, worker_log(self.home, name), env)
+                if self._key is not None:
+                    _SHARED[self._key] = process
+            process.loads[self.handle] = self._load  # reserved: not closed under us
+            process.labels[self.handle] = self.label
+        self.process = process
+        self._closed = False
+        try:
+            process.attach(self.handle, self._load, self.label)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def info(self) -> dict[str, Any]:
-        return self.process.info
+        return self.process.infos.get(self.handle, {})
+
+    @property
+    def shared_with(self) -> list[str]:
+        """The other variants served by this one's process."""
+        return sorted(h.rpartition("#")[0] for h in self.process.loads if h != self.handle)
 
     def _ready(self) -> ModelProcess:
-        with self._start_lock:
-            if not self.process.alive:
-                self.process = self._start()
-            return self.process
+        if self._closed:
+            raise BackendError(f"{self.label}: this backend was closed")
+        self.process.ensure(self.handle)
+        return self.process
 
     def render(self, messages: Sequence[Message]) -> str:
-        return self._ready().request("render", "rendering the prompt", messages=list(messages))
+        return self._ready().request("render", "rendering the prompt", label=self.label,
+                                     handle=self.handle, messages=list(messages))
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Delta]:
-        lines = self._ready().stream("stream", "generating a reply", messages=list(messages),
+        lines = self._ready().stream("stream", "generating a reply", label=self.label,
+                                     handle=self.handle, messages=list(messages),
                                      options=options.as_dict())
         try:
             for line in lines:
@@ -338,13 +465,104 @@ class WorkerBackend:
             lines.close()  # a consumer that stopped early cancels the child's generation
 
     def close(self) -> None:
-        self.process.close()
+        """This variant's backend freed in the child; the child exits with the last one."""
+        with _SHARED_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            last = len(self.process.loads) <= 1
+            if last and self._key is not None and _SHARED.get(self._key) is self.process:
+                del _SHARED[self._key]  # a variant opened from now on starts its own child
+        self.process.detach(self.handle)
+
+
+# Processes serving variants that share a model, by (shared_model_key, home, environment).
+_SHARED: dict[tuple, ModelProcess] = {}
+_SHARED_LOCK = threading.Lock()
+_HANDLES = itertools.count(1)
+
+
+def _env_key(env: dict[str, str] | None) -> tuple:
+    """What of the environment decides which classes serve a variant (tests' stand-ins)."""
+    source = os.environ if env is None else env
+    return (source.get(ENV_BACKENDS, ""), None if env is None else tuple(sorted(env.items())))
+
+
+def shared_processes() -> dict[tuple, list[str]]:
+    """The live shared processes: their key and the variants they serve."""
+    with _SHARED_LOCK:
+        return {key: sorted(h.rpartition("#")[0] for h in p.loads)
+                for key, p in _SHARED.items() if p.loads}
+
+
+def shared_model_key(variant: Any, home: Path | None) -> tuple | None:
+    """What decides whether two variants' models are one copy in one process, from the
+    variant alone (no torch, no llama_cpp, nothing made or downloaded), so that spawn_backend
+    can send them to the same worker. It mirrors the in-process caches: hf (hf._CACHE) on
+    the base model, dtype, device, attention, 4-bit (and torch's threads, one setting per
+    process); gguf (gguf._SHARED) on the model file, n_ctx, GPU layers and threads. The
+    adapter (PEFT dir, LoRA file) is not in it: each is switched per request on the one
+    copy. A setting left to its default ("auto") is compared as written, so `device: auto`
+    and `device: cuda` do not share even where they resolve alike. None for a variant
+    that is not served by a local model (openai)."""
+    from pipelines.config import GGUFVariant, HFVariant
+
+    if isinstance(variant, HFVariant):
+        source = hf_source(variant.model, home)
+        device = "cuda" if variant.load_in_4bit else variant.device
+        dtype = "float32" if variant.dtype == "auto" and device == "cpu" else variant.dtype
+        attn = variant.attn_implementation or _default_attention(source)
+        threads = None if device == "cuda" else variant.n_threads
+        return ("hf", source, dtype, device, attn, variant.load_in_4bit, threads)
+    if isinstance(variant, GGUFVariant):
+        from pipelines.inference.embedded import embedded_path
+
+        path = (embedded_path(variant.embedded, home) if variant.embedded and home is not None
+                else resolve_path(variant.path or f"embedded:{variant.embedded}", home))
+        file = str(path.resolve()) if path.exists() else str(path)
+        return ("gguf", file, variant.n_ctx, variant.n_gpu_layers, variant.n_threads)
+    return None
+
+
+def hf_source(value: str, home: Path | None) -> str:
+    """An hf variant's model, as the parent can name it without making or fetching it: the
+    resolved folder when it exists, a hub id's cached snapshot, else what was written."""
+    from pipelines.inference.sources import cached_snapshot, is_hub_id
+
+    path = resolve_path(value, home)
+    if path.exists():
+        return str(path.resolve())
+    if is_hub_id(value, home):
+        cached = cached_snapshot(value)
+        return str(cached.resolve()) if cached is not None else value
+    return str(path)
+
+
+def _default_attention(source: str) -> str | None:
+    """The loader's default (inference.loading.attention_for, which imports torch): eager
+    for Gemma, else the model's own. Read from config.json; a hub id not cached: None."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "eager" if str(config.get("model_type") or "").startswith("gemma") else None
+
+
+def base_name(variant: Any) -> str:
+    """The name of the model a shared process holds, for its log: worker-<base>.log."""
+    model = getattr(variant, "model", None)  # hf: a folder or org/name: its last part
+    if model:
+        return Path(str(model).rstrip("/")).name or variant.name
+    if getattr(variant, "embedded", None):
+        return variant.embedded
+    return Path(getattr(variant, "path", None) or variant.name).stem
 
 
 def spawn_backend(variant: Any, home: Path) -> Any:
-    """The backend the console and `kyara ask` use: a local model (hf, gguf) in its own
-    worker process, so a native crash or the OOM killer ends that process, not theirs; a
-    remote one (openai: HTTP only) in this process."""
+    """The backend the console and `kyara ask` use: a local model (hf, gguf) in a worker
+    process, so a native crash or the OOM killer ends that process, not theirs; variants
+    on one base model (`shared_model_key`) share one process and one copy of it. A remote
+    one (openai: HTTP only) in this process."""
     from pipelines.config import GGUFVariant, HFVariant
     from pipelines.inference.registry import load_backend
 
@@ -406,7 +624,13 @@ def _load(request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return target, {"pid": os.getpid(), **info}
 
 
-def _serve(channel: _Channel, target: Any, requests: queue.Queue,
+def _close_target(target: Any) -> None:
+    close = getattr(target, "close", None) or getattr(target, "unload", None)
+    if close is not None:
+        close()
+
+
+def _serve(channel: _Channel, targets: dict[str, Any], default: str, requests: queue.Queue,
            cancelled: set[int]) -> None:
     while True:
         request = requests.get()
@@ -414,6 +638,25 @@ def _serve(channel: _Channel, target: Any, requests: queue.Queue,
             return
         rid, op = request.get("id"), request.get("op")
         try:
+            if op == "load":  # one more backend in this process, under its handle
+                handle = request["handle"]
+                target, info = _load(request)
+                old = targets.pop(handle, None)
+                targets[handle] = target
+                if old is not None:
+                    _close_target(old)
+                channel.send({"id": rid, "result": info})
+                continue
+            if op == "unload":
+                old = targets.pop(request["handle"], None)
+                if old is not None:
+                    _close_target(old)
+                channel.send({"id": rid, "result": None})
+                continue
+            handle = request.get("handle") or default
+            target = targets.get(handle)
+            if target is None:
+                raise BackendError(f"nothing is loaded under {handle!r} in this process")
             if op == "render":
                 channel.send({"id": rid, "result": target.render(request["messages"])})
             elif op == "call":  # a method whose result is JSON-able
@@ -471,7 +714,8 @@ def main() -> int:
 
     first = sys.stdin.buffer.readline()
     try:
-        target, info = _load(json.loads(first))
+        request = json.loads(first)
+        target, info = _load(request)
     except BaseException as exc:
         if not isinstance(exc, BackendError):
             import traceback
@@ -479,16 +723,17 @@ def main() -> int:
             traceback.print_exc()
         channel.send({"error": " ".join(str(exc).split()) or type(exc).__name__})
         return 1
+    default = request.get("handle") or "main"
+    targets = {default: target}
     channel.send({"ok": True, "info": info})
     threading.Thread(target=read, daemon=True).start()
     try:
-        _serve(channel, target, requests, cancelled)
+        _serve(channel, targets, default, requests, cancelled)
     except BrokenPipeError:
         return 0
     finally:
-        close = getattr(target, "close", None) or getattr(target, "unload", None)
-        if close is not None:
-            close()
+        for target in list(targets.values()):
+            _close_target(target)
     return 0
 
 
