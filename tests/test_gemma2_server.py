@@ -221,6 +221,33 @@ def test_the_judge_reads_the_servers_real_logprobs(workspace):
         assert verdict.score is None and verdict.weighted_score is None
 
 
+def test_a_digit_keeps_the_servers_alternatives(workspace):
+    """Where the judge writes a digit, llama.cpp's own top alternatives come through the
+    provider (the weighted score reads them there): several digits, a distribution that
+    is not the chosen digit alone."""
+    from pipelines.judge import Judge
+    from pipelines.judge.parse import digit_of, score_distribution, weighted_from_distribution
+
+    judge = Judge.open(workspace, "served-judge", "ayane", store=None)
+
+    async def go():
+        try:
+            return await judge.provider.complete(
+                "1から7までの数字を一つだけ、数字だけで答えてください。")
+        finally:
+            await judge.aclose()
+
+    completion = asyncio.run(go())
+    digits = [t for t in completion.logprobs or () if digit_of(t.token) is not None]
+    assert digits, completion.text  # the 270M answers this with a digit, greedily
+    first = digits[0]
+    assert len(first.top) >= 5, first  # the judge asks for 20
+    dist = score_distribution(first)
+    assert len(dist) >= 2 and 0.0 < sum(dist.values()) <= 1.0 + 1e-6, dist
+    weighted = weighted_from_distribution(dist)
+    assert 1.0 <= weighted <= 7.0 and weighted != float(digit_of(first.token)), dist
+
+
 def test_a_small_eval_job_on_the_server(workspace):
     from pipelines.jobs import JobContext
     from pipelines.jobs.eval import run
