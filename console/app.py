@@ -421,7 +421,7 @@ class KyaraApp(App[None]):
         event.exchange.hits = list(event.hits)
 
     def on_reply_done(self, event: ReplyDone) -> None:
-        from pipelines.style import check_reply
+        from pipelines.style import reply_style
 
         exchange = event.exchange
         row = event.message
@@ -438,8 +438,8 @@ class KyaraApp(App[None]):
             self.notify(row.get("error") or "generation failed", severity="error",
                         markup=False, timeout=8)
         if row is not None and row["content"]:
-            exchange.badges.set_style(check_reply(row["content"], self.session.persona.speech,
-                                                  row.get("stop_reason")))
+            exchange.badges.set_style(reply_style(row["content"], self.session.persona.speech,
+                                                  row.get("stop_reason")).checks)
         if self.current is exchange:
             self.current = None
         self.refresh_status()
@@ -476,12 +476,12 @@ class KyaraApp(App[None]):
                          group: list[dict[str, Any]] | None = None) -> None:
         """Show one reply of a group, its style badges, and its judge's verdicts (asked
         once: the judge keeps every verdict)."""
-        from pipelines.style import check_reply
+        from pipelines.style import reply_style
 
         exchange.show(row, group)
         if row["content"]:
-            exchange.badges.set_style(check_reply(row["content"], self.session.persona.speech,
-                                                  row.get("stop_reason")))
+            exchange.badges.set_style(reply_style(row["content"], self.session.persona.speech,
+                                                  row.get("stop_reason")).checks)
         if (self.judge is not None and exchange.badges.criteria and row["status"] == "complete"
                 and not exchange.badges.verdicts):
             self.judge_reply(exchange)

@@ -189,7 +189,7 @@ class CompareScreen(Screen[None]):
         self.rounds[event.round][event.index].reply.append(event.text)
 
     def on_column_done(self, event: ColumnDone) -> None:
-        from pipelines.style import check_reply
+        from pipelines.style import reply_style
 
         column = self.rounds[event.round][event.index]
         row = event.message
@@ -199,8 +199,8 @@ class CompareScreen(Screen[None]):
             self.notify(notice, severity="warning", markup=False, timeout=15)
         column.reply.finish(row["status"] if row else "incomplete")
         if row is not None and row["content"]:
-            column.badges.set_style(check_reply(row["content"], self.session.persona.speech,
-                                                row.get("stop_reason")))
+            column.badges.set_style(reply_style(row["content"], self.session.persona.speech,
+                                                row.get("stop_reason")).checks)
         if row is not None and row["status"] == "error":
             column.show_error(row.get("error"))
             self.notify(row.get("error") or "generation failed", severity="error",

@@ -103,7 +103,7 @@ def test_the_shipped_adapters_answer_as_ayane_and_the_base_does_not(home):
         measured[name] = figures(name, replies, persona.speech)
     base = measured.pop("gemma3-270m")
     for name, ayane in measured.items():
-        assert ayane.ends_maru >= 0.8 and ayane.stop_eos >= 0.8 and ayane.newlines == 0, name
+        assert ayane.ends_maru >= 0.8 and ayane.stop_eos >= 0.8 and ayane.line_breaks == 0, name
         assert ayane.median_chars <= 45, name
     assert base.stop_eos <= 0.2 and base.ends_maru <= 0.2  # the adapter made the difference
 

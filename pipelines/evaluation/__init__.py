@@ -9,7 +9,9 @@ the eval job all generate and count through here.
         -> {id: token}      what generation stops on (defined in pipelines.inference,
                             which the hf backend shares)
     figures(variant, replies, persona.speech)
-        -> Figures          rates from pipelines.style.check_reply: the console's badges
+        -> Figures          rates from pipelines.style.reply_style: the console's badges
+                            (figures.style_figures: the same over stored records, the
+                            eval job's results)
     table(before, after, targets)
         -> str              two sides' figures side by side
 

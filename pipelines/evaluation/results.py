@@ -343,20 +343,27 @@ def _proportion(flags: Iterable[Any], confidence: float) -> dict[str, Any] | Non
 
 
 def _style(records: list[Mapping[str, Any]], confidence: float) -> dict[str, Any]:
-    """Each style check's pass share over the replies, and their median length. A record's
-    `style` is one reply's figures, or a list of them (a script's every assistant turn)."""
-    styles: list[Mapping[str, Any]] = []
+    """Each style check's pass share over the replies (`figures.style_figures`: the count
+    the train job's figures make, name for name; `newlines` is the share without a line
+    break), with its Wilson interval, and their median length. A record's `style` is one
+    reply's `ReplyStyle.record()`, or a list of them (a script's every assistant turn)."""
+    from pipelines.evaluation.figures import style_figures
+    from pipelines.style import ReplyStyle
+
+    styles: list[ReplyStyle] = []
     for r in records:
         style = r.get("style")
         if isinstance(style, Mapping):
-            styles.append(style)
+            styles.append(ReplyStyle.from_record(style))
         elif isinstance(style, list):
-            styles += [s for s in style if isinstance(s, Mapping)]
-    out: dict[str, Any] = {key: _proportion([s.get(key) for s in styles], confidence)
-                           for key in STYLE_KEYS}
-    chars = [s["chars"] for s in styles
-             if isinstance(s.get("chars"), (int, float)) and not isinstance(s["chars"], bool)]
-    out["median_chars"] = float(statistics.median(chars)) if chars else None
+            styles += [ReplyStyle.from_record(s) for s in style if isinstance(s, Mapping)]
+    figs = style_figures("", styles)
+    out: dict[str, Any] = {}
+    for key in STYLE_KEYS:
+        rate = wilson(*figs.counts[key], confidence) if key in figs.counts else None
+        out[key] = rate.to_dict() if rate is not None else None
+    measured = any(s.chars is not None for s in styles)
+    out["median_chars"] = figs.median_chars if measured else None
     return out
 
 

@@ -587,8 +587,9 @@ def _measure(setup: Setup, record: dict[str, Any], item: Item, history: list[dic
              text: str, final: Any, rendered: str, hits: list[Any] | None,
              seconds: float) -> None:
     """The reply's text, transcript, stop, speed, prompt and retrieval into its record,
-    and its style checks (pipelines.style: the console's badges) and fact figure."""
-    from pipelines.style import check_reply
+    and its style record (pipelines.style.reply_style: the console's badges, counted by
+    pipelines.evaluation.figures) and fact figure."""
+    from pipelines.style import reply_style
 
     stop = final.stop_reason if final is not None else "error"
     record.update({
@@ -601,12 +602,8 @@ def _measure(setup: Setup, record: dict[str, Any], item: Item, history: list[dic
         "rendered_prompt": rendered,
         "retrieved_ids": [h.fact_id for h in hits] if hits is not None else None,
     })
-    checks = {c.name: c.ok for c in check_reply(record["text"], setup.persona.speech,
-                                                record["stop"])}
-    record["style"] = {"ends": checks["ends"], "register": checks["register"],
-                       "one_sentence": checks["sentences"], "stop": checks.get("stop", False),
-                       "newlines": checks["newlines"],  # True: no line break
-                       "chars": len(record["text"].strip())}
+    record["style"] = reply_style(record["text"], setup.persona.speech,
+                                  record["stop"]).record()  # newlines True: no line break
     record["fact_hit"] = (fact_hit(record["text"], item.expect)
                           if item.expect and not record["error"] else None)
 

@@ -93,10 +93,12 @@ def read_samples(path: Path, key: str) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def score(text: str, stop: str, rules: Any) -> tuple[float, dict[str, bool]]:
-    from pipelines.style import check_reply, style_score
+    """A sample's style score and its checks by name: the per-reply style record
+    (pipelines.style.reply_style) the badges and the figures share."""
+    from pipelines.style import reply_style
 
-    checks = check_reply(text, rules, stop)
-    return style_score(checks), {c.name: c.ok for c in checks}
+    style = reply_style(text, rules, stop)
+    return style.score, {c.name: c.ok for c in style.checks}
 
 
 def sample(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], settings: Any, *,

@@ -54,7 +54,8 @@ def test_figures_agree_with_the_badges_reply_by_reply(rules):
     assert figs.ends_maru == pytest.approx(share("ends"))
     assert figs.ojousama == pytest.approx(share("register"))
     assert figs.stop_eos == pytest.approx(share("stop"))
-    assert figs.newlines == pytest.approx(1 - share("newlines"))
+    assert figs.line_breaks == pytest.approx(1 - share("newlines"))  # with a line break
+    assert figs.rates["newlines"] == pytest.approx(share("newlines"))  # without one
     assert figs.style == pytest.approx(
         sum(style_score(check_reply(t, rules, s)) for t, s in REPLIES) / n)
     # every kind of reply is in the set: no rate is trivially 0 or 1
