@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.files import jsonl_lines
+
 # --------------------------------------------------------------------------------------
 # Errors
 
@@ -150,7 +152,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str, Any]]:
     """(line number, "file:line", parsed value) for each non-blank line of a JSON Lines
     file; a line that is not JSON is a ConfigError naming the file and line."""
     path = Path(path)
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         source = f"{path}:{number}"

@@ -43,6 +43,7 @@ from typing import Any
 
 from pipelines import feedback as fb
 from pipelines.config import ConfigError, read_text
+from pipelines.files import jsonl_lines
 from store import Store, quote
 
 KINDS = ("sft", "dpo", "kto", "labels")
@@ -316,7 +317,7 @@ def eval_dirs(home: Path) -> list[Path]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:

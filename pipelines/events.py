@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipelines.files import ends_mid_line, open_append, write_all
+
 EVENTS_FILE = "events.jsonl"
 
 EventType = Literal["start", "stage", "progress", "metric", "log", "done", "error"]
@@ -149,10 +151,11 @@ class EventWriter:
         self.path = Path(path)
         self.run_id = run_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = open_append(self.path)
         # A previous writer that died mid-line left no newline: start on a fresh line, so our
-        # first event is not glued to its fragment (the fragment is then one corrupt line).
-        self._needs_newline = _ends_without_newline(self.path)
+        # first event is not glued to its fragment (the fragment is then one corrupt line);
+        # the rule of every resumable log (pipelines.files.ends_mid_line).
+        self._needs_newline = ends_mid_line(self.path)
 
     def write(self, event: Event) -> Event:
         """Stamp the run id (when the job left it empty), append the line, return the event."""
@@ -164,10 +167,7 @@ class EventWriter:
         if self._needs_newline:
             data = b"\n" + data
         self._needs_newline = True  # until the whole line is out (a signal may cut us short)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        write_all(self._fd, data)
         self._needs_newline = False
         if event.terminal:
             os.fsync(self._fd)
@@ -183,18 +183,6 @@ class EventWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _ends_without_newline(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() == 0:
-                return False
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) != b"\n"
-    except OSError:
-        return False
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.files import rename
+
 REPO = Path(__file__).resolve().parents[1]
 BASE_VARIANT = "gemma3-270m"
 
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "provenance.yaml").write_text(
             "# How adapter.gguf was made: python -m pipelines.ship (make ayane-adapter)\n"
             + yaml.safe_dump(provenance, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        os.replace(path, target)
+        rename(path, target)
     finally:
         built.unlink(missing_ok=True)
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and provenance.yaml")

@@ -9,7 +9,6 @@ The row id is derived from the variant name, so running a job again replaces the
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import HFVariant, Variant
+from pipelines.files import write_atomic
 
 _NAMESPACE = uuid.UUID("0f5d3c52-7c1e-4c7a-9a43-2b1f6d8e9a10")
 
@@ -45,10 +45,7 @@ def write_variant_yaml(variant: Variant, home: Path, note: str) -> Path:
     path = folder / f"{variant.name}.yaml"
     body = yaml.safe_dump(variant.model_dump(mode="json", exclude_none=True), allow_unicode=True,
                           sort_keys=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"# {note}\n{body}", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, f"# {note}\n{body}")
 
 
 def register(store: Any, variant: Variant, *, base: str, run_id: str, yaml_path: Path) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -40,6 +39,7 @@ from pipelines.evaluation.stats import (
     rates_dict,
     wilson,
 )
+from pipelines.files import write_json
 
 RESULTS_FILE = "results.json"
 SET_ORDER = ("heldout", "probes", "scripts", "simulated")
@@ -204,21 +204,7 @@ def build_results(meta: Mapping[str, Any], combos: list[Mapping[str, Any]],
 def write_results(results: Mapping[str, Any], folder: str | os.PathLike[str]) -> Path:
     """<folder>/results.json (UTF-8, Japanese as it is), written to a temporary file and
     moved into place, so a reader never sees half of it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".results-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, ensure_ascii=False, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(Path(folder) / RESULTS_FILE, results, allow_nan=False)
 
 
 def load_results(path_or_folder: str | os.PathLike[str]) -> dict[str, Any]:

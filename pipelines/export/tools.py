@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from pipelines.config import ConfigError
+from pipelines.files import rename
 
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LORA = "convert_lora_to_gguf.py"
@@ -134,7 +135,7 @@ def extract_converters(sdist: Path, target: Path, version: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # no marker: an unfinished attempt
             shutil.rmtree(target)
-        os.replace(partial, target)
+        rename(partial, target)
     except (OSError, tarfile.TarError) as exc:
         raise ConfigError(f"{sdist}: cannot extract llama.cpp's converters: {exc}") from None
     finally:

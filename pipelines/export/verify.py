@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.files import read_jsonl_lines
 from pipelines.prompting import render_prompt
 
 MAX_NEW_TOKENS = 32
@@ -122,7 +123,7 @@ def persona_texts(persona_dir: Path, n_sentences: int = N_SENTENCES,
     """Japanese sentences from dialogues.jsonl (distinct, in file order) and the first eval
     questions from eval.jsonl."""
     sentences: list[str] = []
-    for row in (persona_dir / "dialogues.jsonl").read_text(encoding="utf-8").splitlines():
+    for row in read_jsonl_lines(persona_dir / "dialogues.jsonl"):
         if not row.strip():
             continue
         for message in json.loads(row)["messages"]:
@@ -130,7 +131,7 @@ def persona_texts(persona_dir: Path, n_sentences: int = N_SENTENCES,
             if text and text not in sentences and any(ord(c) > 0x3000 for c in text):
                 sentences.append(text)
     questions = [json.loads(row)["question"] for row in
-                 (persona_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+                 read_jsonl_lines(persona_dir / "eval.jsonl")
                  if row.strip()]
     return sentences[:n_sentences], questions[:n_questions]
 

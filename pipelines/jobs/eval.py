@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import unicodedata
@@ -44,7 +43,7 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, EvalJob, Variant
 from pipelines.events import Event
-from pipelines.files import write_jsonl
+from pipelines.files import append_jsonl, read_jsonl_lines, write_jsonl
 from pipelines.jobs import JobContext
 
 REPLIES = "replies.jsonl"
@@ -368,7 +367,7 @@ def read_replies(path: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_jsonl_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -379,10 +378,9 @@ def read_replies(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """One record at the end of a resumable log, fsynced; a line torn by a kill is ended
+    first (pipelines.files.append_jsonl), so this record is kept."""
+    append_jsonl(path, row)
 
 
 def generate(cfg: EvalJob, ctx: JobContext, setup: Setup

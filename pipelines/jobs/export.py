@@ -40,6 +40,7 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, ExportJob, GGUFVariant, HFVariant
 from pipelines.events import Event
+from pipelines.files import replace_folder
 from pipelines.jobs import JobContext
 
 VERIFICATION = "verification"  # error kind: the GGUF does not behave like its source
@@ -303,11 +304,7 @@ def publish(src: Source, staged: Path, partial: Path, results: dict[str, Any]) -
     out = src.out
     shutil.rmtree(staged, ignore_errors=True)
     (partial / VERIFICATION_FILE).write_text(_report(results), encoding="utf-8")
-    if out.exists():  # force: true (checked in validate)
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(partial, out)
+    replace_folder(partial, out)  # an output there before: force: true (checked in validate)
 
 
 def register(cfg: ExportJob, ctx: JobContext, src: Source,

@@ -43,6 +43,7 @@ import yaml
 from pipelines import events as ev
 from pipelines.config import AppSettings, ConfigError, apply_env, load_job, read_yaml
 from pipelines.events import EVENTS_FILE, Event, EventWriter
+from pipelines.files import write_json
 from pipelines.jobs import JobCancelled, JobContext, get_job
 
 CONFIG_FILE = "config.yaml"
@@ -93,13 +94,6 @@ def record_run(store: Any, run_id: str, **changes: Any) -> dict[str, Any]:
     row.update(changes)
     store.upsert("runs", [row])
     return row
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -342,7 +336,7 @@ def _finish(writer: EventWriter, store: Any, row: dict[str, Any], directory: Pat
         "error": {"kind": final.kind, "message": final.message}}
     if store is not None:
         _record_quietly(store, say, run_id, status=status, summary=summary, **row)
-    write_json_atomic(directory / EXIT_FILE, {
+    write_json(directory / EXIT_FILE, {
         "run_id": run_id,
         "status": status,
         "exit_code": code,

@@ -50,6 +50,7 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, Persona, TrainJob
 from pipelines.events import Event
+from pipelines.files import replace_folder
 from pipelines.jobs import JobContext
 from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.training.examples import Example
@@ -504,8 +505,4 @@ def _digest(rows: list[dict[str, list[int]]]) -> str:
 
 def _replace_dir(new: Path, target: Path) -> None:
     """`target` becomes `new` by renames only: never a half-written adapter under its name."""
-    old = target.with_name(f".{target.name}.old.{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(new, target)

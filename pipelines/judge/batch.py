@@ -8,8 +8,6 @@ the end, through a temporary file, so it is never half a file.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, iter_jsonl
+from pipelines.files import write_jsonl
 from pipelines.judge.verdict import Interaction, JudgeError, Verdict
 
 OUT_FIELDS = ("status", "score", "weighted_score", "reasoning", "raw_text", "error_kind", "error",
@@ -85,18 +84,16 @@ def verdict_record(verdict: Verdict) -> dict[str, Any]:
 def write_output(path: str | Path, items: Sequence[Item], criteria: Sequence[str],
                  results: Mapping[tuple[str, str], Verdict]) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    rows = []
+    for item in items:
+        row = dict(item.row)
+        row["id"] = item.id
+        row["verdicts"] = {c: verdict_record(results[(item.id, c)])
+                           for c in criteria if (item.id, c) in results}
+        rows.append(row)
     try:
-        with tmp.open("w", encoding="utf-8") as out:
-            for item in items:
-                row = dict(item.row)
-                row["id"] = item.id
-                row["verdicts"] = {c: verdict_record(results[(item.id, c)])
-                                   for c in criteria if (item.id, c) in results}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_jsonl(path, rows)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise JudgeError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

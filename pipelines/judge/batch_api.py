@@ -37,7 +37,7 @@ from typing import Any
 from pipelines import events as ev
 from pipelines.config import ConfigError, JudgeConfig, JudgePrices
 from pipelines.events import Event
-from pipelines.files import jsonl_text, write_atomic
+from pipelines.files import jsonl_lines, jsonl_text, read_jsonl_lines, write_atomic
 from pipelines.judge.providers import OpenAIProvider, ProviderError
 from pipelines.judge.runner import Ask, Judge
 from pipelines.judge.verdict import Verdict
@@ -132,7 +132,7 @@ class _Session:
         """The custom_ids of the input file this state was made from."""
         out: set[str] = set()
         try:
-            lines = self.input_path.read_text(encoding="utf-8").splitlines()
+            lines = read_jsonl_lines(self.input_path)
         except OSError:
             return out
         for line in lines:
@@ -322,7 +322,7 @@ class _Session:
         if not isinstance(raw, bytes):
             raise BatchError(f"judge {self.judge.name}: {self.where} sent a malformed "
                              f"answer when asked to {what}")
-        return [line for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
+        return [line for line in jsonl_lines(raw.decode("utf-8", "replace")) if line.strip()]
 
     def _collect(self, batch: Any, todo: dict[str, list[Ask]]
                  ) -> tuple[dict[tuple[str, str], Verdict], list[str]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import CalibrationRow
+from pipelines.files import write_json
 from pipelines.judge.verdict import Interaction, JudgeError, Verdict
 
 if TYPE_CHECKING:  # a type only: the runner imports this module for calibration_status
@@ -225,11 +225,7 @@ def save_calibration(home: str | Path, report: CalibrationReport) -> Path:
     reports[report.key] = report
     payload = {"version": FILE_VERSION,
                "reports": {key: value.to_json() for key, value in sorted(reports.items())}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, payload)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, EvolveJob, iter_jsonl
+from pipelines.files import append_jsonl, drop_torn_tail, jsonl_lines, write_json
 from pipelines.merge.planner import resolve_model_dir, safetensors_header
 
 EVALUATIONS_FILE = "evaluations.jsonl"
@@ -170,20 +171,15 @@ class EvaluationLog:
                 raise ConfigError(f"output: {self.folder} holds another search (changed: "
                                   f"{', '.join(changed)}); choose another output or remove it")
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, data)
 
     def load(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        raw = self.path.read_bytes()
-        end = raw.rfind(b"\n") + 1
-        if end < len(raw):  # a torn last line: the evaluation it held is done again
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
+        # a torn last line is cut off: the evaluation it held is done again
+        raw = drop_torn_tail(self.path)
         records = []
-        for number, line in enumerate(raw[:end].splitlines(), start=1):
+        for number, line in enumerate(jsonl_lines(raw), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -197,15 +193,7 @@ class EvaluationLog:
         return records
 
     def append(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_jsonl(self.path, record)
 
 
 # --- fitness --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, MergeOptions, format_validation_error
+from pipelines.files import rename
 from pipelines.merge.planner import parse_size
 
 Progress = Callable[[int, int], None]
@@ -103,8 +104,7 @@ def run_merge(config: Any, out: str | Path, options: MergeOptions,
             mk_merge.Executor = original
     if out.exists():
         out.rmdir()  # empty (checked above); rename needs it gone
-    os.replace(tmp, out)
-    return out
+    return rename(tmp, out)
 
 
 _swap_lock = threading.Lock()

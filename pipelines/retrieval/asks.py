@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, KnowledgeFact
+from pipelines.files import write_atomic
 
 PROMPT_VERSION = 1
 ASKS_PER_FACT = 5
@@ -127,9 +127,8 @@ def generate_asks(facts: Sequence[KnowledgeFact], provider: Any, path: Path, *,
         else:
             report.failed.append(got or f"{fact.id}: no answer")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(cache, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(partial, path)  # a killed run leaves the old cache whole
+    # a killed run leaves the old cache whole
+    write_atomic(path, json.dumps(cache, ensure_ascii=False, indent=1))
     return report
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.files import rename
+
 NAME = "e5-onnx"
 FORMAT = 1  # bump when the files build() writes change
 QK = 32  # weights per 4-bit block
@@ -288,7 +290,7 @@ def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
                 raise EmbedderError(f"cannot build the {NAME} embedder into {target}: "
                                     f"{lines[-1] if lines else f'exit {done.returncode}'}")
             try:
-                os.replace(partial, target)
+                rename(partial, target)
             except OSError:
                 if not is_built(home):  # not another process's build
                     raise

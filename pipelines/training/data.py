@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, read_text
-from pipelines.files import write_jsonl
+from pipelines.files import jsonl_lines, write_jsonl
 
 # Marks that end a sentence already: nothing is added after them.
 SENTENCE_FINAL = "。．.！？!?…‥"
@@ -211,7 +211,7 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     """JSON Lines of {"messages": [{"role", "content"}, ...], ...}; errors name the line."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
+from pipelines.files import append_jsonl, read_jsonl_lines, write_atomic, write_jsonl
 
 SAMPLES = "samples.jsonl"
 PAIRS = "pairs.jsonl"
@@ -32,7 +32,7 @@ def read_prompts(workspace: Any, cfg: Any) -> list[dict[str, Any]]:
     source = (Path(settings.prompts) if settings.prompts
               else workspace.persona_dir(cfg.persona) / "dialogues.jsonl")
     try:
-        lines = source.read_text(encoding="utf-8").splitlines()
+        lines = read_jsonl_lines(source)
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the prompts: {exc.strerror}") from None
     seen: set[str] = set()
@@ -82,7 +82,7 @@ def read_samples(path: Path, key: str) -> dict[tuple[str, int], dict[str, Any]]:
     found: dict[tuple[str, int], dict[str, Any]] = {}
     if not path.is_file():
         return found
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_jsonl_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -112,12 +112,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], settings: 
     from pipelines.evaluation import generate
 
     path = out / SAMPLES
-    have = read_samples(path, key)
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:  # a line cut short by a crash ends before what follows
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+    have = read_samples(path, key)  # a line cut short by a crash: append_jsonl ends it
     per_chunk = max(1, settings.batch_size // settings.samples)
     total = len(prompts)
     for start in range(0, total, per_chunk):
@@ -133,18 +128,17 @@ def sample(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], settings: 
                            max_new_tokens=settings.max_new_tokens,
                            batch_size=len(questions), temperature=settings.temperature,
                            end_ids=end_ids)
-        with path.open("a", encoding="utf-8") as f:
-            for index, reply in enumerate(replies):
-                prompt = chunk[index // settings.samples]
-                value, checks = score(reply.text, reply.stop, rules)
-                record = {"key": key, "prompt_id": prompt["id"], "question": prompt["question"],
-                          "k": index % settings.samples, "text": reply.text.strip(),
-                          "stop": reply.stop, "tokens": reply.tokens, "score": round(value, 4),
-                          "checks": checks}
-                have[(prompt["id"], record["k"])] = record
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        records = []
+        for index, reply in enumerate(replies):
+            prompt = chunk[index // settings.samples]
+            value, checks = score(reply.text, reply.stop, rules)
+            record = {"key": key, "prompt_id": prompt["id"], "question": prompt["question"],
+                      "k": index % settings.samples, "text": reply.text.strip(),
+                      "stop": reply.stop, "tokens": reply.tokens, "score": round(value, 4),
+                      "checks": checks}
+            have[(prompt["id"], record["k"])] = record
+            records.append(record)
+        append_jsonl(path, *records)
         yield min(start + per_chunk, total), total
 
 
@@ -192,9 +186,7 @@ def judge_samples(workspace: Any, store: Any, persona: str, settings: Any, key: 
         record = samples[(pid, k)]
         record["judge"] = sum(scores) / len(scores) if scores else None
         record["combined"] = combined(record, settings.judge_weight)
-    tmp = out / f".{JUDGED}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, out / JUDGED)
+    write_atomic(out / JUDGED, "".join(line + "\n" for line in lines))
     return counts
 
 
@@ -236,7 +228,4 @@ def make_pairs(prompts: list[dict[str, Any]], samples: dict[tuple[str, int], dic
 
 
 def write_pairs(path: Path, pairs: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_jsonl(path, pairs)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
+from pipelines.files import read_jsonl_lines
 from pipelines.training.examples import IGNORE, Example, tokenize, with_system
 
 PAIRED = ("dpo", "orpo")
@@ -108,7 +109,7 @@ def read_preferences(path: str | Path, method: str) -> list[dict[str, Any]]:
     file and the row); no model or tokenizer is needed."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_jsonl_lines(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the preference file: {exc.strerror}") from None
     rows: list[dict[str, Any]] = []

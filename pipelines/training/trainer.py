@@ -32,6 +32,7 @@ from trl import SFTTrainer
 from pipelines import events as ev
 from pipelines.config import fsdp_sharded
 from pipelines.events import Event
+from pipelines.files import rename
 
 COMPLETE = "kyara-complete.json"
 FINGERPRINT = "kyara-fingerprint.json"
@@ -160,7 +161,7 @@ def prepare_checkpoints(folder: Path, fingerprint: dict[str, Any]) -> tuple[Path
     wanted = json.dumps(fingerprint, sort_keys=True)
     if stamp.is_file() and stamp.read_text(encoding="utf-8") != wanted and any(folder.glob("checkpoint-*")):
         old = folder.with_name(f"{folder.name}.stale-{int(time.time())}")
-        folder.rename(old)
+        rename(folder, old)
         folder.mkdir()
         notes.append(f"the data or settings changed since the last checkpoints; they were moved "
                      f"to {old} and training starts from step 0")
