@@ -9,9 +9,7 @@ written when it ends — `complete`, or `incomplete` when the consumer stopped r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import random
 import threading
 import time
@@ -21,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import GGUFVariant, HFVariant, OpenAIVariant, Persona, Variant
+from pipelines.config import Persona, Variant
 from pipelines.inference.base import BackendError, ChatBackend, Delta, GenerationOptions
 from pipelines.prompting import TemplateError, build_messages, format_context, system_prompt
 from store import Store, new_id
@@ -468,66 +466,19 @@ def default_combos(variants: dict[str, Variant], current: Variant, rag_available
     return [Combo(v, r) for v in models for r in rags]
 
 
-def cuda_visible() -> bool:
-    """Whether a CUDA GPU is visible to this process, without importing torch: an NVIDIA
-    device node exists and CUDA_VISIBLE_DEVICES does not hide every device."""
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices is not None and devices.strip() in ("", "-1"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
 def unloadable(variant: Variant, home: Path | None = None) -> str | None:
     """Why this machine cannot load `variant` (one line), or None when it looks loadable.
 
-    A cheap look, nothing is loaded or imported beyond huggingface_hub: the model file or
-    folder, the adapter or LoRA file, the local Hugging Face cache for a hub id (a model
-    that would first be downloaded counts as missing), a CUDA GPU for `device: cuda` or
-    `load_in_4bit`, the key of an OpenAI variant. An embedded GGUF (and the folder
-    dequantised from it) is loadable whenever its package (the demo extra) is installed.
-    A relative path with no home given is not judged."""
-    from pipelines.inference.embedded import EMBEDDED, dequantized_source, embedded_path
-    from pipelines.inference.sources import cached_snapshot, is_hub_id, resolve_path
+    A cheap look, nothing is loaded or imported beyond huggingface_hub (the kind's
+    `unloadable`, `inference.kinds`): the model file or folder, the adapter or LoRA file,
+    the local Hugging Face cache for a hub id (a model that would first be downloaded
+    counts as missing), a CUDA GPU for `device: cuda` or `load_in_4bit`, the key of an
+    OpenAI variant. An embedded GGUF (and the folder dequantised from it) is loadable
+    whenever its package (the demo extra) is installed. A relative path with no home given
+    is not judged."""
+    from pipelines.inference.kinds import kind_of
 
-    def missing(value: str, what: str) -> str | None:
-        path = resolve_path(value, home)
-        if not path.is_absolute() or path.exists():
-            return None
-        return f"{what} not found: {path}"
-
-    def packaged(name: str) -> bool:
-        module = EMBEDDED.get(name, ("",))[0]
-        return bool(module) and importlib.util.find_spec(module) is not None
-
-    reason: str | None = None
-    if isinstance(variant, GGUFVariant):
-        if variant.embedded:
-            assembled = home is not None and embedded_path(variant.embedded, home).exists()
-            if not assembled and not packaged(variant.embedded):
-                reason = (f"the embedded model {variant.embedded!r} needs its package "
-                          f"({EMBEDDED.get(variant.embedded, ('?',))[0]}, the demo extra)")
-        else:
-            reason = missing(variant.path or "", "model file")
-        if reason is None and variant.lora_path:
-            reason = missing(variant.lora_path, "LoRA file")
-    elif isinstance(variant, HFVariant):
-        if (variant.device == "cuda" or variant.load_in_4bit) and not cuda_visible():
-            what = "load_in_4bit" if variant.load_in_4bit else "device: cuda"
-            reason = f"{what} needs a CUDA GPU and none is visible"
-        elif (model := resolve_path(variant.model, home)).exists():
-            reason = None
-        elif is_hub_id(variant.model, home):
-            if cached_snapshot(variant.model) is None:
-                reason = f"model {variant.model} is not in the local Hugging Face cache"
-        else:
-            made = home is not None and dequantized_source(model, home)
-            if not (made and packaged(made)):
-                reason = missing(variant.model, "model folder")
-        if reason is None and variant.adapter:
-            reason = missing(variant.adapter, "adapter directory")
-    elif isinstance(variant, OpenAIVariant):
-        if variant.base_url is None and not os.environ.get(variant.api_key_env or ""):
-            reason = f"set {variant.api_key_env} (the OpenAI API key)"
+    reason = kind_of(variant).unloadable(variant, home)
     return None if reason is None else f"variant {variant.name!r}: {reason}"
 
 

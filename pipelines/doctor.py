@@ -151,15 +151,16 @@ ENGINE_TOKENS = 16
 def check_engine(ws) -> Check:
     """Decode a few tokens of the default variant in a worker process, as the console
     would: `ok (N tok/s)` with the engine settings it chose, or how the process died."""
-    from pipelines.config import ConfigError, GGUFVariant, HFVariant
+    from pipelines.config import ConfigError
     from pipelines.inference.base import BackendError, GenerationOptions
+    from pipelines.inference.kinds import kind_of
     from pipelines.inference.worker import WorkerBackend
 
     try:
         variant = ws.variant()
     except ConfigError as exc:
         return Check("engine", "fail", str(exc))
-    if not isinstance(variant, (GGUFVariant, HFVariant)):
+    if not kind_of(variant).local:
         return Check("engine", "ok", f"{variant.name}: a remote model ({variant.backend}), "
                      "nothing to run here", required=False)
     messages = [{"role": "user", "content": ENGINE_QUESTION}]

@@ -13,16 +13,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.config import GGUFVariant, HFVariant, Variant
+from pipelines.config import Variant
 from pipelines.inference.base import BackendError, ChatBackend, Message
-from pipelines.inference.sources import resolve_hf_model, resolve_path
+from pipelines.inference.kinds import KINDS, kind_of
 from pipelines.prompting import TemplateError, render_prompt
 
-BACKENDS: dict[str, str] = {
-    "hf": "pipelines.inference.hf:HFBackend",
-    "gguf": "pipelines.inference.gguf:GGUFBackend",
-    "openai": "pipelines.inference.openai_backend:OpenAIBackend",
-}
+BACKENDS: dict[str, str] = {name: kind.target for name, kind in KINDS.items()}
 
 
 class ChatTemplateError(BackendError, TemplateError):
@@ -59,27 +55,10 @@ def backend_class(kind: str) -> type:
 
 def load_backend(variant: Variant, home: Path) -> ChatBackend:
     """The backend for a variant, its model loaded. Every failure is a one-line BackendError."""
-    if isinstance(variant, GGUFVariant):
-        if variant.embedded:
-            from pipelines.inference.embedded import ensure_embedded
-
-            ensure_embedded(variant.embedded, home)
-        else:
-            _require(resolve_path(variant.path, home), variant.name, "model file")
-        if variant.lora_path:
-            _require(resolve_path(variant.lora_path, home), variant.name, "LoRA file")
-        return backend_class("gguf")(variant, home)
-    if isinstance(variant, HFVariant):
-        resolve_hf_model(variant.model, home, variant=variant.name)  # fails at once, one line
-        if variant.adapter:
-            _require(resolve_path(variant.adapter, home), variant.name, "adapter directory")
-        return backend_class("hf")(variant, home)
-    return backend_class(variant.backend)(variant)
-
-
-def _require(path: Path, variant: str, what: str) -> None:
-    if not path.exists():
-        raise BackendError(f"variant {variant!r}: {what} not found: {path}")
+    kind = kind_of(variant)
+    kind.check(variant, home)
+    cls = backend_class(variant.backend)
+    return cls(variant, home) if kind.local else cls(variant)
 
 
 def render_for_model(

@@ -55,7 +55,6 @@ from typing import Any
 
 from pipelines.inference.base import BackendError, Delta, GenerationOptions, Message
 from pipelines.inference.registry import ENV_BACKENDS
-from pipelines.inference.sources import resolve_path
 
 CANCEL_GRACE_S = 10.0  # a cancelled stream must end this soon, or its process is killed
 _END = object()
@@ -498,64 +497,18 @@ def shared_processes() -> dict[tuple, list[str]]:
 def shared_model_key(variant: Any, home: Path | None) -> tuple | None:
     """What decides whether two variants' models are one copy in one process, from the
     variant alone (no torch, no llama_cpp, nothing made or downloaded), so that spawn_backend
-    can send them to the same worker. It mirrors the in-process caches: hf (hf._CACHE) on
-    the base model, dtype, device, attention, 4-bit (and torch's threads, one setting per
-    process); gguf (gguf._SHARED) on the model file, n_ctx, GPU layers and threads. The
-    adapter (PEFT dir, LoRA file) is not in it: each is switched per request on the one
-    copy. A setting left to its default ("auto") is compared as written, so `device: auto`
-    and `device: cuda` do not share even where they resolve alike. None for a variant
-    that is not served by a local model (openai)."""
-    from pipelines.config import GGUFVariant, HFVariant
+    can send them to the same worker: the kind's `shared_key` (`inference.kinds`), which
+    mirrors that backend's in-process cache. None for a variant with no local model."""
+    from pipelines.inference.kinds import kind_of
 
-    if isinstance(variant, HFVariant):
-        source = hf_source(variant.model, home)
-        device = "cuda" if variant.load_in_4bit else variant.device
-        dtype = "float32" if variant.dtype == "auto" and device == "cpu" else variant.dtype
-        attn = variant.attn_implementation or _default_attention(source)
-        threads = None if device == "cuda" else variant.n_threads
-        return ("hf", source, dtype, device, attn, variant.load_in_4bit, threads)
-    if isinstance(variant, GGUFVariant):
-        from pipelines.inference.embedded import embedded_path
-
-        path = (embedded_path(variant.embedded, home) if variant.embedded and home is not None
-                else resolve_path(variant.path or f"embedded:{variant.embedded}", home))
-        file = str(path.resolve()) if path.exists() else str(path)
-        return ("gguf", file, variant.n_ctx, variant.n_gpu_layers, variant.n_threads)
-    return None
-
-
-def hf_source(value: str, home: Path | None) -> str:
-    """An hf variant's model, as the parent can name it without making or fetching it: the
-    resolved folder when it exists, a hub id's cached snapshot, else what was written."""
-    from pipelines.inference.sources import cached_snapshot, is_hub_id
-
-    path = resolve_path(value, home)
-    if path.exists():
-        return str(path.resolve())
-    if is_hub_id(value, home):
-        cached = cached_snapshot(value)
-        return str(cached.resolve()) if cached is not None else value
-    return str(path)
-
-
-def _default_attention(source: str) -> str | None:
-    """The loader's default (inference.loading.attention_for, which imports torch): eager
-    for Gemma, else the model's own. Read from config.json; a hub id not cached: None."""
-    try:
-        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return "eager" if str(config.get("model_type") or "").startswith("gemma") else None
+    return kind_of(variant).shared_key(variant, home)
 
 
 def base_name(variant: Any) -> str:
     """The name of the model a shared process holds, for its log: worker-<base>.log."""
-    model = getattr(variant, "model", None)  # hf: a folder or org/name: its last part
-    if model:
-        return Path(str(model).rstrip("/")).name or variant.name
-    if getattr(variant, "embedded", None):
-        return variant.embedded
-    return Path(getattr(variant, "path", None) or variant.name).stem
+    from pipelines.inference.kinds import kind_of
+
+    return kind_of(variant).base_name(variant)
 
 
 def spawn_backend(variant: Any, home: Path) -> Any:
@@ -563,10 +516,10 @@ def spawn_backend(variant: Any, home: Path) -> Any:
     process, so a native crash or the OOM killer ends that process, not theirs; variants
     on one base model (`shared_model_key`) share one process and one copy of it. A remote
     one (openai: HTTP only) in this process."""
-    from pipelines.config import GGUFVariant, HFVariant
+    from pipelines.inference.kinds import kind_of
     from pipelines.inference.registry import load_backend
 
-    if isinstance(variant, (GGUFVariant, HFVariant)):
+    if kind_of(variant).local:
         return WorkerBackend(variant, home)
     return load_backend(variant, home)
 

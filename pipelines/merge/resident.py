@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError, GGUFVariant, HFVariant
+from pipelines.config import ConfigError
+from pipelines.inference.kinds import hf_source
 from pipelines.inference.sources import resolve_path
-from pipelines.inference.worker import hf_source, shared_model_key
+from pipelines.inference.worker import shared_model_key
 from pipelines.merge.planner import (
     CUDA_CONTEXT,
     RUNTIME_TORCH,
@@ -70,7 +71,7 @@ def resident_bytes(variants: Iterable[Any], home: Path | None) -> int:
 
 
 def _base(variant: Any, key: tuple, home: Path | None) -> Resident:
-    if isinstance(variant, HFVariant):
+    if key[0] == "hf":
         _, source, dtype, device, _, four_bit, _ = key
         weights = None
         try:
@@ -82,8 +83,7 @@ def _base(variant: Any, key: tuple, home: Path | None) -> Resident:
         runtime = RUNTIME_TORCH + (CUDA_CONTEXT if device == "cuda" else 0)
         return Resident(key=key, base=hf_source(variant.model, home), weights=weights,
                         runtime=runtime)
-    assert isinstance(variant, GGUFVariant)
-    path = Path(key[1])
+    path = Path(key[1])  # gguf: the model file
     return Resident(key=key, base=str(path), weights=_size(path) if path.is_file() else None)
 
 
