@@ -23,13 +23,12 @@ def plan(
 ) -> None:
     """Predict whether a job fits this machine (or the sizes given) before it runs."""
     from pipelines.config import ConfigError, load_job
-    from pipelines.merge.planner import detect_budget, plan_job
+    from pipelines.plan import detect_budget, needs_workspace, plan_job
     from pipelines.workspace import Workspace
 
     try:
         cfg = load_job(job_file)
-        needs_workspace = cfg.job in ("train", "prefer", "eval", "evolve")
-        workspace = Workspace.load(configs) if needs_workspace else None
+        workspace = Workspace.load(configs) if needs_workspace(cfg.job) else None
         plans = plan_job(cfg, workspace, detect_budget(gpu_mem, ram))
     except ConfigError as exc:
         fail(str(exc))

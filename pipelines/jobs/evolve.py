@@ -128,7 +128,8 @@ def validate(cfg: EvolveJob, ctx: JobContext) -> Generator[Event, None, Setup]:
 def check_plan(cfg: EvolveJob, ctx: JobContext) -> Generator[Event, None, bool]:
     """Peak memory predicted from the safetensors headers against this device; an error
     event and False when it does not fit."""
-    from pipelines.merge.planner import detect_budget, plan_evolve
+    from pipelines.plan.budget import detect_budget
+    from pipelines.plan.evolve import plan_evolve
 
     yield ev.stage("plan", "predicting peak memory from the safetensors headers")
     plan = plan_evolve(cfg, ctx.home, context=None, batch=cfg.batch_size)

@@ -41,7 +41,8 @@ def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:
         run_merge,
         validate_merge_config,
     )
-    from pipelines.merge.planner import detect_budget, plan_merge
+    from pipelines.plan.budget import detect_budget
+    from pipelines.plan.merge import plan_merge
 
     check_variant_name(cfg.name)
     config = validate_merge_config(cfg.merge, "merge")

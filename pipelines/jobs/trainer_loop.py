@@ -51,7 +51,7 @@ def check_memory(cfg: Any, model_source: Any, model_config: Any, sizes: Callable
     what `kyara plan` reads too: headers, config, the data's `sizes()`); refuses a run that
     will not fit when `check_memory`. `what` says which estimate in the log line. Returns
     whether it trains on CUDA."""
-    from pipelines.merge.planner import model_shape
+    from pipelines.plan.model import model_shape
     from pipelines.training.memory import GiB, detect_device, refusal, train_estimate
 
     yield ev.stage("memory", "estimating what the run needs")

@@ -1,2 +1,2 @@
-"""Model merging: the memory planner (planner.py, no torch), mergekit runs (merge.py) and
-the in-memory candidate merge of the evolutionary search (inplace.py)."""
+"""Model merging: mergekit runs (merge.py) and the in-memory candidate merge of the
+evolutionary search (inmemory.py); their memory plans are in pipelines/plan/."""

@@ -31,7 +31,7 @@ from typing import Any
 
 from pipelines.config import ConfigError, EvolveJob, iter_jsonl
 from pipelines.files import append_jsonl, drop_torn_tail, jsonl_lines, write_json
-from pipelines.merge.planner import resolve_model_dir, safetensors_header
+from pipelines.plan.model import resolve_model_dir, safetensors_header
 
 EVALUATIONS_FILE = "evaluations.jsonl"
 SEARCH_FILE = "search.json"

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
-from pipelines.merge.planner import MERGE_CHUNK_ELEMENTS, safetensors_header
+from pipelines.plan.model import safetensors_header
+from pipelines.plan.units import MERGE_CHUNK_ELEMENTS
 
 Progress = Callable[[int, int], None]
 # Methods whose result at an element depends only on the inputs at that element (and on

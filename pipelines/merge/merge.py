@@ -18,7 +18,7 @@ from typing import Any
 
 from pipelines.config import ConfigError, MergeOptions, format_validation_error
 from pipelines.files import rename
-from pipelines.merge.planner import parse_size
+from pipelines.plan.units import parse_size
 
 Progress = Callable[[int, int], None]
 

@@ -16,9 +16,9 @@ an hour later costs the run):
 - a fixed overhead (CUDA context, allocator slack, the Python process).
 
 This is the one memory model of a train job: the job refuses on it (`refusal`) and
-`kyara plan` prints it (`pipelines/merge/planner.plan_train`), from the same model files
+`kyara plan` prints it (`pipelines/plan/train.plan_train`), from the same model files
 and the same data (`data_sizes`, `sizes_from_files`); the model's shape comes from its
-safetensors headers in both (`planner.model_shape`). Measured against it: bench/README.md
+safetensors headers in both (`plan.model.model_shape`). Measured against it: bench/README.md
 (gpu/train_gemma2_2b.py, train_throughput.py).
 """
 

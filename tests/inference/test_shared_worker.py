@@ -307,8 +307,8 @@ def test_gguf_in_process_switching_never_reads_the_other_adapters_cache(gguf_var
 
 def test_the_memory_estimate_counts_a_shared_base_once(gemma_dir, adapter_dir,
                                                        second_adapter, tmp_path):
-    from pipelines.merge.planner import RUNTIME_TORCH, inspect_model
-    from pipelines.merge.resident import resident_bytes, resident_models
+    from pipelines.plan import RUNTIME_TORCH, inspect_model
+    from pipelines.plan.resident import resident_bytes, resident_models
 
     def variant(name, adapter=None, **extra):
         return HFVariant(name=name, backend="hf", model=str(gemma_dir), device="cpu",
@@ -329,7 +329,7 @@ def test_the_memory_estimate_counts_a_shared_base_once(gemma_dir, adapter_dir,
 
 
 def test_the_estimate_counts_the_processes_spawn_backend_makes(standins, tmp_path):
-    from pipelines.merge.resident import resident_models
+    from pipelines.plan.resident import resident_models
 
     base, tuned, other = standins
     (tmp_path / "base.gguf").write_bytes(b"GGUF" + b"\0" * 996)  # the stand-in ignores it

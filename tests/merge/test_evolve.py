@@ -215,7 +215,7 @@ def test_failed_verdicts_fail_the_evaluation_not_score_zero(models, tmp_path, mo
 
 
 def test_refuses_when_the_plan_does_not_fit(models, configs, tmp_path, monkeypatch):
-    from pipelines.merge import planner
+    from pipelines.plan import budget as planner
 
     monkeypatch.setattr(planner, "_available_ram", lambda: 50 * planner.MiB)
     events = run_job(configs, tmp_path / "run", job_dict(models, tmp_path / "search"))

@@ -120,7 +120,7 @@ def test_bad_merge_config_is_one_line(merge, key):
 
 
 def test_refuses_when_the_plan_does_not_fit(workspace, tmp_path, tiny_models, monkeypatch):
-    from pipelines.merge import planner
+    from pipelines.plan import budget as planner
 
     monkeypatch.setattr(planner, "_available_ram", lambda: 50 * planner.MiB)
     merge = {"merge_method": "linear",

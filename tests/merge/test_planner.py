@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, MergeOptions, TrainJob
-from pipelines.merge.planner import (
+from pipelines.plan import (
     Budget,
     GiB,
     MiB,
@@ -161,7 +161,7 @@ def test_evolve_plan_counts_one_resident_model_per_ray_actor(tiny_models, tmp_pa
     N of every term but the shared, memory-mapped sources; on CUDA each actor has its own
     GPU (per-GPU terms unchanged) and the host N runtimes."""
     from pipelines.config import EvolveJob
-    from pipelines.merge.planner import plan_evolve
+    from pipelines.plan import plan_evolve
     from tests.merge.evolve_job import job_dict
 
     def host(device, **changes):

@@ -116,7 +116,7 @@ def test_the_memory_estimate_is_one_process_share(train_configs, tiny_gemma):
     """Each process holds its share of the batch: the estimate of batch 8 in 2 processes
     is that of batch 4 in one; the refusal is against one device, and its suggestion is a
     global batch_size that still splits among the processes."""
-    from pipelines.merge.planner import model_shape
+    from pipelines.plan import model_shape
     from pipelines.training import memory
 
     ws = Workspace.load(train_configs)
@@ -139,7 +139,7 @@ def test_kyara_plan_counts_every_process(train_configs, tiny_gemma):
     """`kyara plan`: on the CPU the host holds every process (the job compares one
     process's estimate with a 1/N share of RAM: the same verdict); on CUDA the GPU terms
     are one GPU's and the host holds N runtimes."""
-    from pipelines.merge.planner import plan_train
+    from pipelines.plan import plan_train
 
     ws = Workspace.load(train_configs)
     two = parse_job(train_job(batch_size=8, processes=2), "test")

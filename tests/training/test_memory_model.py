@@ -11,7 +11,7 @@ import yaml
 
 from pipelines.config import ConfigError, parse_job
 from pipelines.jobs import JobContext, get_job
-from pipelines.merge.planner import Budget, GiB, model_shape, plan_job
+from pipelines.plan import Budget, GiB, model_shape, plan_job
 from pipelines.training import memory
 from pipelines.workspace import Workspace
 from tests.conftest import run_kyara

@@ -11,7 +11,7 @@ import yaml
 
 from pipelines.config import ConfigError, load_job, parse_job
 from pipelines.jobs import JobContext, get_job
-from pipelines.merge.planner import GiB, model_shape
+from pipelines.plan import GiB, model_shape
 from pipelines.training import memory
 from pipelines.workspace import Workspace
 from tests.conftest import REPO, run_kyara

@@ -8,7 +8,7 @@ they hold is, per distinct base: its weights once, each adapter once, and one pr
 runtime. Read from files only (safetensors headers, file sizes): no torch, no model loaded.
 
 The train, merge and evolve jobs' plans measure the free memory when they start
-(`planner.detect_budget`, `training.memory.detect_device`), which already sees what the
+(`plan.detect_budget`, `training.memory.detect_device`), which already sees what the
 workers hold; this is the estimate before anything is loaded, for whoever needs it.
 """
 
@@ -23,12 +23,8 @@ from pipelines.config import ConfigError
 from pipelines.inference.kinds import hf_source
 from pipelines.inference.sources import resolve_path
 from pipelines.inference.worker import shared_model_key
-from pipelines.merge.planner import (
-    CUDA_CONTEXT,
-    RUNTIME_TORCH,
-    TORCH_DTYPE_BYTES,
-    inspect_model,
-)
+from pipelines.plan.model import inspect_model
+from pipelines.plan.units import CUDA_CONTEXT, RUNTIME_TORCH, TORCH_DTYPE_BYTES
 
 
 @dataclass
