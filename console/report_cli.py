@@ -3,8 +3,11 @@ eval job writes into `<home>/evals/<name>/` beside report.html and report.md; wi
 the runs found, newest first.
 
 Only JSON is read here: the console never imports the statistics (scipy) or the HTML report
-(matplotlib). The reading, the checking and the formatting live in this module and are
-shared with the Reports screen (console/reports_screen.py). Everything in results.json is
+(matplotlib). The reading, the checking and the layout live in this module and are shared
+with the Reports screen (console/reports_screen.py); every figure is printed by
+pipelines.evaluation.formatting, the functions report.md and report.html print it with, so
+an interval reads the same in all three (imported where a figure is first printed: the CLI's
+start does not pay for pipelines.evaluation, which reading results.json loads anyway). Everything in results.json is
 untrusted text (variant names, labels): it is shown as Text, never parsed as markup.
 """
 
@@ -161,31 +164,6 @@ def _obj(value: Any, where: str) -> dict[str, Any] | None:
     return value
 
 
-def fmt_num(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return DASH
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
-
-
-def fmt_interval(mean: float | None, lo: float | None, hi: float | None,
-                 signed: bool = False) -> str:
-    """"5.12 [4.80, 5.41]"; the mean alone then "[—]" without an interval; "—" without a mean."""
-    if mean is None:
-        return DASH
-    ci = f"[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else f"[{DASH}]"
-    return f"{fmt_num(mean, signed)} {ci}"
-
-
-def fmt_p(p: float | None) -> str:
-    if p is None:
-        return f"p={DASH}"
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
-def fmt_rate(rate: float | None) -> str:
-    return DASH if rate is None else f"{rate * 100:.0f}%"
-
-
 @dataclass
 class Rate:
     rate: float
@@ -220,23 +198,39 @@ class Cell:
 
     @property
     def mean_text(self) -> str:
-        return fmt_interval(self.mean, self.lo, self.hi)
+        """"5.12 [4.80, 5.41]", "5.12 [—]" without an interval, "—" without a mean."""
+        from pipelines.evaluation.formatting import fmt_mean
+
+        return fmt_mean({"mean": self.mean, "lo": self.lo, "hi": self.hi})
 
     @property
     def diff_text(self) -> str:
-        if self.diff is None:
-            return DASH
-        return fmt_interval(self.diff["mean"], self.diff["lo"], self.diff["hi"], signed=True)
+        """"+0.62 [+0.21, +1.05]": the difference to the reference, every bound signed."""
+        from pipelines.evaluation.formatting import fmt_diff
+
+        return fmt_diff(self.diff)
+
+    @property
+    def delta_text(self) -> str:
+        """The difference alone, "+0.62" (the chart's line; its interval is in the table)."""
+        from pipelines.evaluation.formatting import fmt_num
+
+        return fmt_num(self.diff["mean"] if self.diff else None, signed=True)
 
     @property
     def p_text(self) -> str:
-        return fmt_p(self.diff["p"]) if self.diff is not None else ""
+        from pipelines.evaluation.formatting import fmt_p
+
+        # a cell has no p column: a missing p still says what is missing
+        return fmt_p(self.diff["p"], missing=f"p={DASH}") if self.diff is not None else ""
 
     @property
     def wtl_text(self) -> str:
+        from pipelines.evaluation.formatting import fmt_share
+
         if self.wtl is None:
             return f"W/T/L {DASH}"
-        win, tie, loss = (f"{x * 100:.0f}%" for x in self.wtl)
+        win, tie, loss = (fmt_share(x) for x in self.wtl)
         return f"W{win} T{tie} L{loss}"
 
 
@@ -448,20 +442,22 @@ class HeadlineTables:
         return tables
 
     def style_table(self) -> Table:
+        from pipelines.evaluation.formatting import fmt_num, fmt_share
+
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
         table.add_column("combination", ratio=1, min_width=12, overflow="fold")
         for header in (*STYLE_HEADERS, "chars"):
             table.add_column(header, justify="right", no_wrap=True)
         table.add_column("facts", justify="right")
         for row in self.report.rows:
-            facts = fmt_rate(row.facts.rate if row.facts else None)
+            facts = fmt_share(row.facts.rate if row.facts else None)
             if row.facts is not None and row.facts.n is not None:
                 facts += f" {row.facts.k}/{row.facts.n}"
             label = Text(row.label + (" (ref)" if row.reference else ""),
                          style="bold" if row.reference else "")
             table.add_row(label,
-                          *(fmt_rate(s.rate if s else None) for s in row.style.values()),
-                          DASH if row.median_chars is None else f"{row.median_chars:.0f}",
+                          *(fmt_share(s.rate if s else None) for s in row.style.values()),
+                          fmt_num(row.median_chars, digits=0),
                           facts)
         return table
 

@@ -34,7 +34,6 @@ from console.report_cli import (
     HeadlineTables,
     Report,
     RunError,
-    fmt_num,
     list_runs,
     meta_text,
     paths_text,
@@ -94,7 +93,7 @@ class CriterionChart:
                 line.append("  reference", style="cyan")
             elif cell.diff is not None and cell.diff["mean"] is not None:
                 # the interval of the difference is in the headline table above
-                line.append(f"  Δ {fmt_num(cell.diff['mean'], signed=True)} {cell.p_text}")
+                line.append(f"  Δ {cell.delta_text} {cell.p_text}")
             if cell.missing:
                 line.append(f"  {cell.missing} missing", style="yellow")
             yield line

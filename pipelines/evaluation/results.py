@@ -29,6 +29,7 @@ import statistics
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,43 @@ def build_results(meta: Mapping[str, Any], combos: list[Mapping[str, Any]],
                   criteria: list[Mapping[str, Any]], replies: Iterable[Mapping[str, Any]],
                   verdicts: Iterable[Mapping[str, Any]], confidence: float = 0.95,
                   n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """The results.json object (see the eval run contract) from the job's records."""
-    reference = meta.get("reference")
+    """The results.json object (see the eval run contract) from the job's records, in three
+    steps: the records that count (`_select`), their indices (`_tally`), then the headline
+    rows and the per-question table."""
+    picked = _select(meta.get("reference"), combos, replies, verdicts)
+    names = _criterion_names(criteria, picked.asked_scores, picked.asked_pairs)
+    t = _tally(picked, combos, names)
+    stats = (confidence, n_resamples, seed)
+    shown_order = [q for q in t.order if any((c["id"], q) in t.by_question for c in combos)]
+    return {
+        "meta": {**meta, "confidence": confidence},
+        "combos": [dict(c) for c in combos],
+        "criteria": [dict(c) for c in criteria],
+        "sets": _sets(picked.records),
+        "headline": [_headline_row(t, c, picked, names, stats) for c in combos],
+        "distributions": t.distributions,
+        "questions": [_question_row(t, q, combos, picked.reference, names)
+                      for q in _lab_first(shown_order, picked.records)],
+    }
+
+
+@dataclass
+class _Picked:
+    """The records that count: the latest reply per sample and the latest verdict per
+    sample and criterion, of known combinations; `scores` and `pairs` leave out the verdicts
+    on broken replies (the `asked_` lists keep them: a criterion was still asked)."""
+
+    reference: str | None
+    records: list[Mapping[str, Any]]
+    asked_scores: list[Mapping[str, Any]]
+    asked_pairs: list[Mapping[str, Any]]
+    scores: list[Mapping[str, Any]]
+    pairs: list[Mapping[str, Any]]
+
+
+def _select(reference: str | None, combos: list[Mapping[str, Any]],
+            replies: Iterable[Mapping[str, Any]],
+            verdicts: Iterable[Mapping[str, Any]]) -> _Picked:
     known = {c["id"] for c in combos}
     records = [r for r in _latest_replies(replies) if r.get("combo") in known]
     broken_ids = {r.get("id") for r in records if r.get("error") and r.get("id") is not None}
@@ -76,29 +112,49 @@ def build_results(meta: Mapping[str, Any], combos: list[Mapping[str, Any]],
     scores = [v for v in asked_scores if not on_broken(v)]
     pairs = [v for v in asked_pairs if not on_broken(v)
              and _sample_key({**v, "combo": reference}) not in broken_at]
-    names = _criterion_names(criteria, asked_scores, asked_pairs)
+    return _Picked(reference, records, asked_scores, asked_pairs, scores, pairs)
 
-    # Which sets a criterion is asked on (the job asks probes and scripts on criteria of
-    # their own): a question of such a set without an ok score is missing for it.
+
+@dataclass
+class _Tally:
+    """The picked records indexed by combination, question, sample and criterion."""
+
+    # criterion -> the sets it is asked on (the job asks probes and scripts on criteria of
+    # their own): a question of such a set without an ok score is missing for it
+    scored_sets: dict[str, set[str]]
+    paired_sets: dict[str, set[str]]
+    order: list[Key]                                          # every question, first seen
+    by_question: dict[tuple[str, Key], list[Mapping[str, Any]]]  # (combo, question) -> replies
+    asked: dict[str, set[Key]]          # combo -> every question with a reply
+    answered: dict[str, set[Key]]       # combo -> with a whole reply
+    judged: dict[tuple[str, str], set[Key]]  # (combo, criterion) -> questions with a verdict
+    values: dict[tuple[str, str], dict[Key, float]]  # (combo, criterion) -> question -> mean
+    per_sample: dict[tuple[str, Key, int, str], float]
+    distributions: dict[str, dict[str, dict[str, int]]]
+    outcomes: dict[tuple[str, str], list[str | None]]
+    compared: set[tuple[str, str]]      # (combo, criterion) asked pairwise
+    per_sample_outcome: dict[tuple[str, Key, int, str], str | None]
+
+
+def _tally(picked: _Picked, combos: list[Mapping[str, Any]], names: list[str]) -> _Tally:
     scored_sets: dict[str, set[str]] = defaultdict(set)
-    for v in asked_scores:
+    for v in picked.asked_scores:
         scored_sets[v["criterion"]].add(v.get("set", ""))
     paired_sets: dict[str, set[str]] = defaultdict(set)
-    for v in asked_pairs:
+    for v in picked.asked_pairs:
         paired_sets[v["criterion"]].add(v.get("set", ""))
 
-    order = _question_order(records, scores)
     by_question: dict[tuple[str, Key], list[Mapping[str, Any]]] = defaultdict(list)
-    for r in records:
+    for r in picked.records:
         by_question[r["combo"], _key(r)].append(r)
-    asked: dict[str, set[Key]] = defaultdict(set)        # combo -> every question with a reply
-    answered: dict[str, set[Key]] = defaultdict(set)     # combo -> with a whole reply
+    asked: dict[str, set[Key]] = defaultdict(set)
+    answered: dict[str, set[Key]] = defaultdict(set)
     for (cid, q), rs in by_question.items():
         asked[cid].add(q)
         if any(not r.get("error") for r in rs):
             answered[cid].add(q)
-    judged: dict[tuple[str, str], set[Key]] = defaultdict(set)  # (combo, criterion) -> questions
-    for v in scores:
+    judged: dict[tuple[str, str], set[Key]] = defaultdict(set)
+    for v in picked.scores:
         judged[v["combo"], v["criterion"]].add(_key(v))
 
     # (combo, criterion) -> question -> its samples' ok scores
@@ -107,7 +163,7 @@ def build_results(meta: Mapping[str, Any], combos: list[Mapping[str, Any]],
     per_sample: dict[tuple[str, Key, int, str], float] = {}
     distributions: dict[str, dict[str, dict[str, int]]] = {
         c["id"]: {name: dict.fromkeys(SCALE, 0) for name in names} for c in combos}
-    for v in scores:
+    for v in picked.scores:
         if not _ok(v):
             continue
         combo, name, score = v["combo"], v["criterion"], v["score"]
@@ -116,89 +172,92 @@ def build_results(meta: Mapping[str, Any], combos: list[Mapping[str, Any]],
         counts = distributions[combo][name]
         label = str(int(score)) if float(score).is_integer() else str(score)
         counts[label] = counts.get(label, 0) + 1
-    values: dict[tuple[str, str], dict[Key, float]] = {
-        combo_name: {q: statistics.fmean(s) for q, s in qs.items()}
-        for combo_name, qs in per_question.items()}
+    values = {combo_name: {q: statistics.fmean(s) for q, s in qs.items()}
+              for combo_name, qs in per_question.items()}
+
     outcomes: dict[tuple[str, str], list[str | None]] = defaultdict(list)
-    compared = {(v["combo"], v["criterion"]) for v in asked_pairs}
     per_sample_outcome: dict[tuple[str, Key, int, str], str | None] = {}
-    for v in pairs:
+    for v in picked.pairs:
         outcomes[v["combo"], v["criterion"]].append(v.get("outcome"))
         per_sample_outcome[v["combo"], _key(v), _sample(v), v["criterion"]] = v.get("outcome")
+    return _Tally(scored_sets=scored_sets, paired_sets=paired_sets,
+                  order=_question_order(picked.records, picked.scores),
+                  by_question=by_question, asked=asked, answered=answered, judged=judged,
+                  values=values, per_sample=per_sample, distributions=distributions,
+                  outcomes=outcomes,
+                  compared={(v["combo"], v["criterion"]) for v in picked.asked_pairs},
+                  per_sample_outcome=per_sample_outcome)
 
-    def row(combo: Mapping[str, Any]) -> dict[str, Any]:
+
+def _headline_row(t: _Tally, combo: Mapping[str, Any], picked: _Picked, names: list[str],
+                  stats: tuple[float, int, int]) -> dict[str, Any]:
+    """One combination's headline: each criterion's mean [CI] and paired difference to the
+    reference, pairwise rates, style and fact proportions."""
+    confidence, n_resamples, seed = stats
+    cid, reference = combo["id"], picked.reference
+    is_reference = cid == reference
+    crits: dict[str, Any] = {}
+    for name in names:
+        mine = t.values.get((cid, name), {})
+        expected = {q for q in t.asked[cid] if q[0] in t.scored_sets[name]} | t.judged[cid, name]
+        est = mean_ci([mine[q] for q in t.order if q in mine], confidence, n_resamples, seed)
+        diff = None
+        if not is_reference and reference is not None:
+            ref = t.values.get((reference, name), {})
+            both = [q for q in t.order if q in mine and q in ref]
+            diff = paired_diff([mine[q] for q in both], [ref[q] for q in both],
+                               confidence, n_resamples, seed).to_dict()
+        crits[name] = {"mean": est.mean, "lo": est.lo, "hi": est.hi, "n": est.n,
+                       "missing": len(expected) - est.n, "diff": diff}
+    pairwise: dict[str, Any] = {}
+    if not is_reference:
+        pairwise = {name: rates_dict(outcome_rates(t.outcomes[cid, name], confidence))
+                    for name in names if (cid, name) in t.compared}
+    whole = [r for r in picked.records if r["combo"] == cid and not r.get("error")]
+    return {"combo": cid, "label": combo.get("label", cid), "reference": is_reference,
+            "questions": len(t.answered[cid]),
+            "criteria": crits, "pairwise": pairwise,
+            "style": _style(whole, confidence),
+            "facts": _proportion([r.get("fact_hit") for r in whole], confidence)}
+
+
+def _question_row(t: _Tally, q: Key, combos: list[Mapping[str, Any]], reference: str | None,
+                  names: list[str]) -> dict[str, Any]:
+    """One row of the per-question table: every combination's shown reply with its scores
+    and pairwise outcomes, and the spread of the combinations' means."""
+    shown: dict[str, Any] = {}
+    first: Mapping[str, Any] | None = None
+    means: list[float] = []
+    for combo in combos:
         cid = combo["id"]
-        is_reference = cid == reference
-        crits: dict[str, Any] = {}
-        for name in names:
-            mine = values.get((cid, name), {})
-            expected = {q for q in asked[cid] if q[0] in scored_sets[name]} | judged[cid, name]
-            est = mean_ci([mine[q] for q in order if q in mine], confidence, n_resamples, seed)
-            diff = None
-            if not is_reference and reference is not None:
-                ref = values.get((reference, name), {})
-                both = [q for q in order if q in mine and q in ref]
-                diff = paired_diff([mine[q] for q in both], [ref[q] for q in both],
-                                   confidence, n_resamples, seed).to_dict()
-            crits[name] = {"mean": est.mean, "lo": est.lo, "hi": est.hi, "n": est.n,
-                           "missing": len(expected) - est.n, "diff": diff}
-        pairwise: dict[str, Any] = {}
-        if not is_reference:
-            pairwise = {name: rates_dict(outcome_rates(outcomes[cid, name], confidence))
-                        for name in names if (cid, name) in compared}
-        whole = [r for r in records if r["combo"] == cid and not r.get("error")]
-        return {"combo": cid, "label": combo.get("label", cid), "reference": is_reference,
-                "questions": len(answered[cid]),
-                "criteria": crits, "pairwise": pairwise,
-                "style": _style(whole, confidence),
-                "facts": _proportion([r.get("fact_hit") for r in whole], confidence)}
-
-    def table_row(q: Key) -> dict[str, Any]:
-        shown: dict[str, Any] = {}
-        first: Mapping[str, Any] | None = None
-        means: list[float] = []
-        for combo in combos:
-            cid = combo["id"]
-            mine = by_question.get((cid, q))
-            if not mine:
-                continue
-            # The reply shown: the first sample, and of a script its whole-script record.
-            rep = min(mine, key=lambda r: ("#" in str(r.get("question_id", "")),
-                                           _sample(r)))
-            first = first or rep
-            sample = _sample(rep)
-            whole = not rep.get("error")
-            shown[cid] = {
-                "text": rep.get("text", ""), "stop": rep.get("stop"), "error": rep.get("error"),
-                "scores": {name: per_sample.get((cid, q, sample, name)) if whole else None
-                           for name in names if q[0] in scored_sets[name]},
-                "pairwise": {} if cid == reference else {
-                    name: per_sample_outcome.get((cid, q, sample, name)) if whole else None
-                    for name in names if q[0] in paired_sets[name]},
-                "fact_hit": rep.get("fact_hit") if whole else None}
-            scored = [values[cid, name][q] for name in names
-                      if q in values.get((cid, name), {})]
-            if scored:
-                means.append(statistics.fmean(scored))
-        assert first is not None  # every question in `order` has a reply
-        transcript = None
-        if q[0] in CONVERSATION_SETS:
-            transcript = [{"role": "user", "content": m.get("content", "")}
-                          for m in first.get("transcript") or [] if m.get("role") == "user"]
-        return {"set": q[0], "id": q[1], "question": first.get("question", ""),
-                "transcript": transcript, "replies": shown,
-                "disagreement": max(means) - min(means) if len(means) >= 2 else 0.0}
-
-    shown_order = [q for q in order if any((c["id"], q) in by_question for c in combos)]
-    return {
-        "meta": {**meta, "confidence": confidence},
-        "combos": [dict(c) for c in combos],
-        "criteria": [dict(c) for c in criteria],
-        "sets": _sets(records),
-        "headline": [row(c) for c in combos],
-        "distributions": distributions,
-        "questions": [table_row(q) for q in _lab_first(shown_order, records)],
-    }
+        mine = t.by_question.get((cid, q))
+        if not mine:
+            continue
+        # The reply shown: the first sample, and of a script its whole-script record.
+        rep = min(mine, key=lambda r: ("#" in str(r.get("question_id", "")), _sample(r)))
+        first = first or rep
+        sample = _sample(rep)
+        whole = not rep.get("error")
+        shown[cid] = {
+            "text": rep.get("text", ""), "stop": rep.get("stop"), "error": rep.get("error"),
+            "scores": {name: t.per_sample.get((cid, q, sample, name)) if whole else None
+                       for name in names if q[0] in t.scored_sets[name]},
+            "pairwise": {} if cid == reference else {
+                name: t.per_sample_outcome.get((cid, q, sample, name)) if whole else None
+                for name in names if q[0] in t.paired_sets[name]},
+            "fact_hit": rep.get("fact_hit") if whole else None}
+        scored = [t.values[cid, name][q] for name in names
+                  if q in t.values.get((cid, name), {})]
+        if scored:
+            means.append(statistics.fmean(scored))
+    assert first is not None  # every question in `order` has a reply
+    transcript = None
+    if q[0] in CONVERSATION_SETS:
+        transcript = [{"role": "user", "content": m.get("content", "")}
+                      for m in first.get("transcript") or [] if m.get("role") == "user"]
+    return {"set": q[0], "id": q[1], "question": first.get("question", ""),
+            "transcript": transcript, "replies": shown,
+            "disagreement": max(means) - min(means) if len(means) >= 2 else 0.0}
 
 
 def write_results(results: Mapping[str, Any], folder: str | os.PathLike[str]) -> Path:

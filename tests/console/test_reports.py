@@ -151,7 +151,7 @@ def test_report_prints_the_headline_table(runs):
     assert result.exit_code == 0, result.output
     out = result.stdout
     # each criterion: mean [CI], Δ vs the reference [CI], its p, pairwise W/T/L
-    assert "5.12 [4.80, 5.41]" in out and "+0.62 [0.21, 1.05]" in out and "p=0.004" in out
+    assert "5.12 [4.80, 5.41]" in out and "+0.62 [+0.21, +1.05]" in out and "p=0.004" in out
     assert "W45% T20% L35%" in out and "W84% T5% L11%" in out
     assert "-1.80 [-2.30, -1.30]" in out and "p<0.001" in out
     # calibration under each criterion's title
@@ -336,7 +336,7 @@ async def test_reports_from_the_palette_list_and_open_a_run(dated_runs, tmp_path
         assert "".join(text.split()).count(str(dated_runs["newest"] / "report.html")) == 1
         # the headline table on the first page: the reference marked, then a combination
         assert "(reference)" in text and "4.50 [4.20, 4.81]" in text
-        assert "5.12 [4.80, 5.41]" in text and "+0.62 [0.21, 1.05]" in text, text
+        assert "5.12 [4.80, 5.41]" in text and "+0.62 [+0.21, +1.05]" in text, text
         assert "p=0.004" in text and "W45% T20% L35%" in text
         await pilot.press("c")  # the first criterion's chart
         await pilot.pause()
