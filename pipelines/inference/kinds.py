@@ -7,7 +7,7 @@ instead of testing the variant's class.
 Import-light on purpose (the console lists variants with it): no torch, no llama_cpp; the
 backend classes are import strings, imported on first use by `registry.backend_class`.
 
-A new backend is its config class (`pipelines/config.py`, in the `Variant` union), its
+A new backend is its config class (`pipelines/config/variants.py`, in the `Variant` union), its
 ChatBackend module, and one `BackendKind` here.
 """
 
