@@ -11,6 +11,7 @@ Shape of the app, after harlequin and oterm (../shared/STYLE.md):
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -490,14 +491,12 @@ class KyaraApp(App[None]):
     async def judge_reply(self, exchange: Exchange) -> None:
         """Scores arrive criterion by criterion without blocking the stream or the keys."""
         row = exchange.message
-        # earlier turns of this chat go with it (the Stability criterion reads them)
-        earlier = [m for e in self.exchanges if e is not exchange and e.message is not None
-                   and e.message["status"] == "complete"
-                   for m in ({"role": "user", "content": e.question},
-                             {"role": "assistant", "content": e.message["content"]})]
+        # the history the model was sent with this reply goes with it (one rule:
+        # pipelines.turn; the Stability criterion reads it), read off the event loop
+        earlier = await asyncio.to_thread(self.session.history, row["seq"])
         async for verdict in self.judge.stream_verdicts(
             question=exchange.question, reply=row["content"], message_id=row["id"],
-            history=earlier[-8:]):
+            history=earlier):
             exchange.set_verdict(row["id"], verdict)  # the user may have browsed away
 
     @on(Worker.StateChanged)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import turn
 from pipelines.config import Persona, Variant
 from pipelines.inference.base import BackendError, ChatBackend, Delta, GenerationOptions
-from pipelines.prompting import TemplateError, build_messages, format_context, system_prompt
 from store import Store, new_id
 from store.sql import quote
 from store.store import utcnow
@@ -52,7 +51,7 @@ class ChatSession:
     retriever: Any = None  # pipelines.retrieval.Retriever; None = retrieval unavailable
     rag: bool = False
     session_id: str = field(default_factory=new_id)
-    history_turns: int = 8  # user/assistant pairs of history sent with each prompt
+    history_turns: int = turn.HISTORY_TURNS  # user/assistant pairs sent with each prompt
     kind: str = "chat"
     title: str | None = None
     _seq: int = 0
@@ -172,11 +171,14 @@ class ChatSession:
             self.store.upsert("sessions", [row])  # the store sets updated_at on write
 
     def history(self, before_seq: int | None = None) -> list[dict[str, str]]:
-        """Past exchanges to send with the next prompt: user turns that got a reply (complete
-        or incomplete — the user saw it), last `history_turns` pairs. Only the chosen reply
-        of each turn goes (a chosen alternative, an edited text). `before_seq`: the turns
-        before that one (a regenerated reply sees what the original saw)."""
-        pairs: list[tuple[dict, dict]] = []
+        """Past exchanges to send with the next prompt, by the one history rule
+        (`turn.history`: user turns with the reply the user saw, the chosen one, the last
+        `history_turns`); none in a compare session. `before_seq`: the turns before that
+        one (a regenerated reply sees what the original saw; the judge sees what the model
+        was sent with a reply)."""
+        if self.kind == "compare":
+            return []  # each compared question stands alone
+        pairs: list[tuple[str, str]] = []
         pending: dict | None = None
         for row in self.visible_messages():
             if before_seq is not None and row["seq"] >= before_seq:
@@ -184,14 +186,10 @@ class ChatSession:
             if row["role"] == "user":
                 pending = row
             elif row["role"] == "assistant" and pending is not None:
-                if row["status"] in ("complete", "incomplete") and row["content"]:
-                    pairs.append((pending, row))
+                if turn.seen(row):
+                    pairs.append((pending["content"], row["content"]))
                 pending = None
-        out: list[dict[str, str]] = []
-        for user, reply in pairs[-self.history_turns:] if self.history_turns else []:
-            out.append({"role": "user", "content": user["content"]})
-            out.append({"role": "assistant", "content": reply["content"]})
-        return out
+        return turn.history(pairs, self.history_turns)
 
     # --- one turn ----------------------------------------------------------------------
 
@@ -233,10 +231,7 @@ class ChatSession:
         new_question=False answers the question already stored last again (a comparison:
         one question, one reply per variant/retrieval combination)."""
         options = options or GenerationOptions.from_config(self.variant.generation)
-        if self.kind == "compare":
-            history = []  # each compared question stands alone
-        else:
-            history = self.history()  # read before this turn is written
+        history = self.history()  # read before this turn is written
 
         def store_question() -> None:
             self._ensure_session(text)
@@ -258,7 +253,7 @@ class ChatSession:
             None)
         if original is None or question is None:
             raise BackendError("that reply is no longer in this session")
-        history = [] if self.kind == "compare" else self.history(before_seq=question["seq"])
+        history = self.history(before_seq=question["seq"])
         self._alternative_of = original
         try:
             yield from self._answer(question["content"], history,
@@ -269,7 +264,6 @@ class ChatSession:
     def _answer(self, text: str, history: list[dict[str, str]], options: GenerationOptions,
                 store_question: Callable[[], None]) -> Iterator[Any]:
         hits: list[Any] | None = None
-        context: str | None = None
         retrieval_ms: float | None = None
         if self.rag and self.retriever is not None:
             # The question is stored while the facts are retrieved: lance's write and the
@@ -277,11 +271,8 @@ class ChatSession:
             # token). Nothing is generated before the question is stored.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kyara-store") as pool:
                 stored = pool.submit(store_question)
-                started = time.perf_counter()
-                hits = self.retriever.search(text)
-                retrieval_ms = (time.perf_counter() - started) * 1000
+                hits, retrieval_ms = turn.retrieve(self.retriever, text)
                 stored.result()
-            context = format_context(h.text for h in hits)
             yield Retrieved(hits=hits)
         else:
             store_question()
@@ -290,43 +281,30 @@ class ChatSession:
                                       f"(run: kyara index {self.persona.id})", options, None, None)
                 return
 
-        messages = build_messages(system_prompt(self.persona, context), history, text)
+        prompt = turn.build(self.persona, history, text, hits, retrieval_ms)
         try:
             backend = self.loaded_backend()
-            rendered = backend.render(messages)
-        except (BackendError, TemplateError) as exc:
+        except BackendError as exc:
             yield from self._fail(str(exc), options, hits, None)
             return
 
-        parts: list[str] = []
-        final: Delta | None = None
-        stream = backend.stream(messages, options)
+        shown: list[str] = []
         try:
-            for delta in stream:
-                if delta.done:
-                    final = delta
-                    break
-                parts.append(delta.text)
-                yield delta
+            reply = yield from turn.stream(backend, prompt.messages, options, shown)
         except (GeneratorExit, KeyboardInterrupt):
-            # The consumer stopped reading (cancel, Ctrl+C): keep what was shown.
-            stream.close()  # stops generation within one token
-            self._write(self._reply_row("".join(parts), "incomplete", options, hits, rendered,
-                                        None, "cancel", retrieval_ms))
+            # The consumer stopped reading (cancel, Ctrl+C): keep what was shown. The
+            # backend's stream is closed already (generation stops within one token).
+            self._write(self._reply_row("".join(shown), "incomplete", options, hits,
+                                        turn.render(backend, prompt.messages), None, "cancel",
+                                        retrieval_ms))
             raise
-        except (BackendError, TemplateError) as exc:
-            yield from self._fail(str(exc), options, hits, rendered, "".join(parts))
+        final = reply.final
+        if reply.error is not None:
+            if final is not None:
+                yield final
+            yield from self._fail(reply.error, options, hits, reply.rendered, reply.text)
             return
-        finally:
-            stream.close()
-        if final is not None and final.extra.get("rendered"):
-            rendered = final.extra["rendered"]  # what the server was really sent (folded)
-        if final is not None and final.stop_reason == "error":
-            yield final
-            yield from self._fail(final.error or "generation failed", options, hits, rendered,
-                                  "".join(parts))
-            return
-        row = self._write(self._reply_row("".join(parts), "complete", options, hits, rendered,
+        row = self._write(self._reply_row(reply.text, "complete", options, hits, reply.rendered,
                                           final, final.stop_reason if final else "eos",
                                           retrieval_ms))
         if final is not None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import feedback as fb
+from pipelines import turn
 from pipelines.config import ConfigError, read_text
 from pipelines.files import jsonl_lines
 from store import Store, quote
@@ -133,23 +134,24 @@ def _walk(store: Store, session: dict[str, Any], also: set[str]
     rows = sorted(store.rows("messages", where=f"session_id = {quote(session['id'])}"),
                   key=lambda r: (r["seq"], r["created_at"]))
     visible = fb.visible_among(store, [r for r in rows if r["role"] == "assistant"])
-    history: list[dict[str, str]] = []
+    pairs: list[tuple[str, str]] = []
     pending: dict[str, Any] | None = None
     block: int | None = None
     for row in rows:
         if session["kind"] == "eval" and row["seq"] // 100 != block:
-            block, history, pending = row["seq"] // 100, [], None
+            block, pairs, pending = row["seq"] // 100, [], None
         if row["role"] == "user":
             pending = row
         elif row["role"] == "assistant" and pending is not None:
-            before = [*history, {"role": "user", "content": pending["content"]}]
+            # what the model was sent with this reply: the one history rule (pipelines.turn)
+            before = [*turn.history(pairs), {"role": "user", "content": pending["content"]}]
             shown = row["id"] in visible
             if (shown or row["id"] in also) and row["status"] == "complete" \
                     and row["content"].strip():
                 yield session, row, before
             if shown and session["kind"] != "compare":  # as ChatSession.history() goes on
-                if row["status"] in ("complete", "incomplete") and row["content"]:
-                    history = [*before, {"role": "assistant", "content": row["content"]}]
+                if turn.seen(row):
+                    pairs.append((pending["content"], row["content"]))
                 pending = None
 
 

@@ -68,16 +68,18 @@ class Delta:
 
 def final_delta(reason: str, stop_token: str | None, error: str | None, prompt_tokens: int,
                 tokens: Sequence[int], started: float, first: float | None,
-                ended: float) -> Delta:
+                ended: float, rendered: str | None = None) -> Delta:
     """The last Delta of a stream, the same for every local backend. Decode speed is the
     tokens after the first over the time after the first: the first token's time is prompt
-    processing, reported as time to first token."""
+    processing, reported as time to first token. `rendered`: the prompt text the model
+    was given (extra["rendered"], logged with the reply: no second render to log it)."""
     rate = ((len(tokens) - 1) / (ended - first)
             if first and len(tokens) > 1 and ended > first else None)
     return Delta(done=True, stop_reason=reason, stop_token=stop_token,
                  prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
                  ttft_s=(first - started) if first else None, tokens_per_s=rate, error=error,
-                 extra={"token_ids": list(tokens)})
+                 extra={"token_ids": list(tokens),
+                        **({"rendered": rendered} if rendered is not None else {})})
 
 
 @runtime_checkable

@@ -238,7 +238,10 @@ class GGUFBackend:
         )
 
     def tokenize_prompt(self, messages: Sequence[Message]) -> list[int]:
-        ids = self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)
+        return self._tokens(self.render(messages))
+
+    def _tokens(self, rendered: str) -> list[int]:
+        ids = self.llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
         # A template without {{ bos_token }} on a model that wants one: add it, as
         # llama.cpp would; never twice.
         if self._add_bos and (not ids or ids[0] != self._bos_id):
@@ -251,7 +254,8 @@ class GGUFBackend:
         with self._lock:
             started = time.perf_counter()
             self._select_adapter()
-            prompt = self.tokenize_prompt(messages)
+            rendered = self.render(messages)
+            prompt = self._tokens(rendered)
             n_ctx = self.llm.n_ctx()
             if len(prompt) >= n_ctx:
                 raise BackendError(
@@ -292,7 +296,7 @@ class GGUFBackend:
                     yield Delta(text=tail)
             except GeneratorExit:
                 self.last = final_delta("cancel", None, None, len(prompt), tokens, started,
-                                        first, time.perf_counter())
+                                        first, time.perf_counter(), rendered)
                 raise
             except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures
                 message = "generation failed: " + (" ".join(str(exc).split()) or type(exc).__name__)
@@ -302,7 +306,7 @@ class GGUFBackend:
             finally:
                 steps.close()
             self.last = final_delta(stop_reason, stop_token, error, len(prompt), tokens, started,
-                                    first, time.perf_counter())
+                                    first, time.perf_counter(), rendered)
             yield self.last
 
     def resident_models(self) -> list[dict[str, Any]]:

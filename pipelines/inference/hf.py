@@ -313,7 +313,10 @@ class HFBackend:
         )
 
     def tokenize_prompt(self, messages: Sequence[Message]) -> list[int]:
-        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+        return self._tokens(self.render(messages))
+
+    def _tokens(self, rendered: str) -> list[int]:
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # --- generation -------------------------------------------------------------------
 
@@ -342,7 +345,8 @@ class HFBackend:
         entry = self._entry
         with entry.lock:
             started = time.perf_counter()
-            prompt = self.tokenize_prompt(messages)
+            rendered = self.render(messages)
+            prompt = self._tokens(rendered)
             window = self.context_window
             if window and len(prompt) >= window:
                 raise BackendError(
@@ -395,7 +399,7 @@ class HFBackend:
             except GeneratorExit:
                 watch.cancel.set()
                 thread.join()
-                self.last = self._final("cancel", None, result, prompt, started, watch)
+                self.last = self._final("cancel", None, result, prompt, started, watch, rendered)
                 raise
             finally:
                 thread.join()
@@ -403,9 +407,10 @@ class HFBackend:
                 message = f"generation failed: {_one_line(result['error'])}"
                 if not streamed:
                     raise BackendError(f"variant {self.name!r}: {message}")
-                self.last = self._final("error", message, result, prompt, started, watch)
+                self.last = self._final("error", message, result, prompt, started, watch,
+                                        rendered)
             else:
-                self.last = self._final(None, None, result, prompt, started, watch)
+                self.last = self._final(None, None, result, prompt, started, watch, rendered)
             yield self.last
 
     def generate_batch(self, conversations: Sequence[Sequence[Message]],
@@ -424,7 +429,8 @@ class HFBackend:
             if self.adapter_name:
                 model.set_adapter(self.adapter_name)
             for start in range(0, len(conversations), max(1, batch_size)):
-                prompts = [self.tokenize_prompt(m) for m in conversations[start:start + batch_size]]
+                texts = [self.render(m) for m in conversations[start:start + batch_size]]
+                prompts = [self._tokens(t) for t in texts]
                 width = max(len(p) for p in prompts)
                 budget = options.max_new_tokens
                 if self.context_window:
@@ -450,7 +456,7 @@ class HFBackend:
                 rows = result[:, width:].tolist()
                 made = sum(next((i + 1 for i, t in enumerate(r) if t in self.eos_ids), len(r))
                            for r in rows)
-                for prompt, row in zip(prompts, rows, strict=True):
+                for text, prompt, row in zip(texts, prompts, rows, strict=True):
                     cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
                     kept = row if cut is None else row[:cut]
                     out.append(Delta(
@@ -458,7 +464,8 @@ class HFBackend:
                         stop_reason="length" if cut is None else "eos",
                         stop_token=None if cut is None else self.eos_ids[row[cut]],
                         prompt_tokens=len(prompt), completion_tokens=len(kept),
-                        tokens_per_s=made / seconds if seconds > 0 else None))
+                        tokens_per_s=made / seconds if seconds > 0 else None,
+                        extra={"rendered": text}))
         return out
 
     def _final(
@@ -469,6 +476,7 @@ class HFBackend:
         prompt: list[int],
         started: float,
         watch: _Watch,
+        rendered: str | None = None,
     ) -> Delta:
         ended = time.perf_counter()
         out = result["ids"][0, len(prompt) :].tolist() if "ids" in result else []
@@ -479,7 +487,7 @@ class HFBackend:
             else:
                 reason = "length"
         return final_delta(reason, stop_token, error, len(prompt), out, started, watch.first,
-                           ended)
+                           ended, rendered)
 
     def resident_models(self) -> list[dict[str, Any]]:
         """The copies loaded in this process and their adapters (JSON, for a worker's

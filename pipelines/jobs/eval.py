@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import events as ev
-from pipelines import jobs
+from pipelines import jobs, turn
 from pipelines.config import ConfigError, EvalJob, Variant
 from pipelines.events import Event
 from pipelines.files import append_jsonl, read_jsonl_lines, write_jsonl
@@ -278,9 +278,9 @@ def estimate_cost(cfg: EvalJob, ctx: JobContext, setup: Setup) -> dict[str, Any]
     for item in setup.items:
         turns = len(item.turns) if item.set != "simulated" else cfg.simulated_turns
         transcript = []
-        for turn in range(turns):
-            transcript += [("user", item.turns[turn] if turn < len(item.turns) else item.question),
-                           ("assistant", typical)]
+        for number in range(turns):
+            transcript += [("user", item.turns[number] if number < len(item.turns)
+                            else item.question), ("assistant", typical)]
         interaction = Interaction(tuple(transcript), item.id)
         for criterion in setup.criteria[item.set]:
             calls = n_combos * n_samples
@@ -479,75 +479,69 @@ def _new_record(combo: Combo, item: Item, sample: int, rid: str) -> dict[str, An
             "error": None, "tokens": 0, "seconds": 0.0, "turn_stops": []}
 
 
-def _prompt(setup: Setup, combo: Combo, retriever: Any, history: list[dict[str, str]],
-            user: str) -> tuple[list[dict[str, str]], list[Any] | None]:
-    """The chat engine's prompt for one user turn: the persona's system prompt (with the
-    facts retrieval finds for this turn when the combination has retrieval on)."""
-    from pipelines.prompting import build_messages, format_context, system_prompt
-
-    hits = retriever.search(user) if combo.rag and retriever is not None else None
-    context = format_context(h.text for h in hits) if hits is not None else None
-    return build_messages(system_prompt(setup.persona, context), history, user), hits
+def _prompt(setup: Setup, combo: Combo, retriever: Any, pairs: list[tuple[str, str]],
+            user: str) -> Any:
+    """The chat engine's prompt for one user turn (`turn.build`: the persona's system
+    prompt, with the facts retrieval finds for this turn when the combination has retrieval
+    on; the history by the one rule, `turn.history`)."""
+    hits = None
+    if combo.rag and retriever is not None:
+        hits, _ = turn.retrieve(retriever, user)
+    return turn.build(setup.persona, turn.history(pairs), user, hits)
 
 
 def _answer(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, simulator: Any,
             combo: Combo, item: Item, sample: int, rid: str) -> dict[str, Any]:
-    """One reply record, streamed: the item's turns answered in order (a script's whole
-    conversation, the simulated user's next turn asked of the simulator), the last reply
-    measured."""
-    from pipelines.inference.base import BackendError
-    from pipelines.prompting import TemplateError
-
+    """One reply record, streamed (`turn.stream`, as chat streams): the item's turns
+    answered in order (a script's whole conversation, the simulated user's next turn asked
+    of the simulator), the last reply measured."""
     options = _options(cfg, sample)
-    history: list[dict[str, str]] = []
+    pairs: list[tuple[str, str]] = []
     turns = cfg.simulated_turns if item.set == "simulated" else len(item.turns)
     record = _new_record(combo, item, sample, rid)
     started = time.perf_counter()
     text, final, rendered, hits = "", None, "", None
-    for turn in range(turns):
-        if turn < len(item.turns):
-            user = item.turns[turn]
+    for number in range(turns):
+        if number < len(item.turns):
+            user = item.turns[number]
         else:
             try:
-                user = _ask_simulator(simulator, setup, item, history)
+                user = _ask_simulator(simulator, setup, item, turn.history(pairs, None))
             except Exception as exc:  # the simulator's failure is this reply's, one line
                 record["error"] = f"simulated user: {ev.one_line(str(exc))}"
                 break
-        messages, hits = _prompt(setup, combo, retriever, history, user)
-        try:
-            rendered = backend.render(messages)
-            parts: list[str] = []
-            final = None
-            for delta in backend.stream(messages, options):
-                if delta.done:
-                    final = delta
-                    break
-                parts.append(delta.text)
-            text = "".join(parts)
-        except (BackendError, TemplateError) as exc:
-            record["error"] = ev.one_line(str(exc))
-            break
-        if final is not None and final.extra.get("rendered"):
-            rendered = final.extra["rendered"]  # what the server was really sent (folded)
-        if final is not None and final.extra.get("notice"):
-            record["notice"] = final.extra["notice"]
-        if final is None or final.stop_reason not in ("eos", "length"):
-            record["error"] = ev.one_line(
-                (final.error if final is not None else None) or "the stream ended without a stop")
+        prompt = _prompt(setup, combo, retriever, pairs, user)
+        hits = prompt.hits
+        reply = _drain(turn.stream(backend, prompt.messages, options))
+        final, rendered, text = reply.final, reply.rendered or "", reply.text
+        if reply.notice:
+            record["notice"] = reply.notice
+        if reply.error is not None or final is None or final.stop_reason not in ("eos", "length"):
+            record["error"] = ev.one_line(reply.error or "the stream ended without a stop")
             break
         record["tokens"] += final.completion_tokens or 0
         record["turn_stops"].append(final.stop_reason)
-        history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
-    _measure(setup, record, item, history, text, final, rendered, hits,
+        pairs.append((user, text))
+    # the judge reads what the model was sent with the last reply, and that reply
+    _measure(setup, record, item, turn.history(pairs), text, final, rendered, hits,
              time.perf_counter() - started)
     return record
+
+
+def _drain(stream: Any) -> Any:
+    """A turn.stream run to its end: its Reply."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value
 
 
 def _answer_batch(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, combo: Combo,
                   todo: Sequence[tuple[Item, int, str]]) -> list[dict[str, Any]]:
     """Single-turn replies through the backend's `generate_batch` (an hf model: several
     prompts per forward pass), one call per sample's seed. A failed batch is each of its
-    replies' error."""
+    replies' error. The prompts each reply was given come with its Delta."""
     from pipelines.inference.base import BackendError
     from pipelines.prompting import TemplateError
 
@@ -557,15 +551,13 @@ def _answer_batch(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, comb
         prompts = [_prompt(setup, combo, retriever, [], item.question) for item, _ in chosen]
         started = time.perf_counter()
         try:
-            finals = backend.generate_batch([m for m, _ in prompts], _options(cfg, sample),
-                                            cfg.batch_size)
-            rendered = [backend.render(m) for m, _ in prompts]
+            finals = backend.generate_batch([p.messages for p in prompts],
+                                            _options(cfg, sample), cfg.batch_size)
             error = None
         except (BackendError, TemplateError) as exc:
-            finals, rendered, error = [None] * len(chosen), [""] * len(chosen), exc
+            finals, error = [None] * len(chosen), exc
         seconds = (time.perf_counter() - started) / max(1, len(chosen))
-        for (item, rid), (_, hits), final, prompt in zip(chosen, prompts, finals, rendered,
-                                                          strict=True):
+        for (item, rid), prompt, final in zip(chosen, prompts, finals, strict=True):
             record = _new_record(combo, item, sample, rid)
             history: list[dict[str, str]] = []
             if error is not None or final is None:
@@ -575,8 +567,10 @@ def _answer_batch(cfg: EvalJob, setup: Setup, backend: Any, retriever: Any, comb
                 record["turn_stops"].append(final.stop_reason)
                 history = [{"role": "user", "content": item.question},
                            {"role": "assistant", "content": final.text}]
-            _measure(setup, record, item, history, final.text if final else "", final, prompt,
-                     hits, seconds)
+            rendered = ((final.extra.get("rendered") if final is not None else None)
+                        or turn.render(backend, prompt.messages) or "")
+            _measure(setup, record, item, history, final.text if final else "", final,
+                     rendered, prompt.hits, seconds)
             records.append(record)
     return records
 
