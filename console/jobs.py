@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,8 +43,9 @@ from pipelines.jobs.runner import (
     new_run_id,
     record_run,
 )
+from pipelines.processes import child_env as child_env_of
+from pipelines.processes import python
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STDOUT_FILE = "stdout.log"
 STDERR_FILE = "stderr.log"
 LOST = "lost"
@@ -101,8 +101,8 @@ class RunHandle:
 
 
 def runner_command(cfg_path: Path, run_dir: Path, run_id: str, configs: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines", "run", str(cfg_path), "--run-dir", str(run_dir),
-            "--run-id", run_id, "--configs", str(configs)]
+    return python("-m", "pipelines", "run", str(cfg_path), "--run-dir", str(run_dir),
+                  "--run-id", run_id, "--configs", str(configs))
 
 
 def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = None,
@@ -151,11 +151,10 @@ def launch(cfg_path: str | os.PathLike[str], workspace: Any, *, store: Any = Non
            "run_dir": str(directory)}
     record_run(store, run_id, status="starting", pid=None, **row)
 
-    child_env = dict(os.environ if env is None else env)
-    # The runner must import this kyara even when it is not installed and the console was
-    # started from another directory; unbuffered, so its logs reach stdout.log as they come.
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH", "")) if p)
+    # The runner imports this kyara even when it is not installed and the console was
+    # started from another directory, and nothing from the directory it starts in
+    # (pipelines.processes); unbuffered, so its logs reach stdout.log as they come.
+    child_env = child_env_of(env)
     child_env["PYTHONUNBUFFERED"] = "1"
     command = runner_command(cfg_path, directory, run_id, Path(workspace.configs).resolve())
     # The child starts with SIGTERM and SIGHUP blocked (a signal mask survives exec) and

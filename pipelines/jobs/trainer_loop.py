@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -40,6 +39,7 @@ from pipelines import events as ev
 from pipelines.config import ConfigError, fsdp_sharded
 from pipelines.events import Event
 from pipelines.jobs import JobCancelled, JobContext
+from pipelines.processes import child_env, python
 
 _DONE = object()
 
@@ -165,11 +165,11 @@ def launch_command(processes: int, folder: Path) -> list[str]:
     """`accelerate launch` of the worker module, `processes` ranks on this machine. Its
     `--multi_gpu` is the torchrun launcher; on a machine without CUDA the Trainer's
     `use_cpu` makes them CPU processes over gloo (Accelerate's `--cpu` would start one)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()),
-            "-m", "pipelines.jobs.distributed_worker", str(folder)]
+    return python("-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", str(processes), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(_free_port()),
+                  "-m", "pipelines.jobs.distributed_worker", str(folder))
 
 
 def train_in_processes(cfg: Any, ctx: JobContext, kind: str, out: Path, resume: Path | None,
@@ -206,8 +206,8 @@ def train_in_processes(cfg: Any, ctx: JobContext, kind: str, out: Path, resume: 
     (folder / EVENTS_FILE).touch()
     log = open(folder / LOG_FILE, "wb")
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT,
-                             *launch_command(cfg.processes, folder)],
+    proc = subprocess.Popen(python("-c", _DIE_WITH_PARENT,
+                                   *launch_command(cfg.processes, folder)),
                             stdout=log, stderr=subprocess.STDOUT, env=_worker_env(folder),
                             start_new_session=True)  # a cancel reaches them as a file
     log.close()
@@ -255,15 +255,15 @@ def _stop(proc: subprocess.Popen[bytes], folder: Path) -> None:
 
 
 def _worker_env(folder: Path) -> dict[str, str]:
-    """The job's environment, with this checkout importable wherever the job runs from,
-    and its temporary files in `folder`: torchrun makes a `torchelastic_*` folder under the
-    temporary directory on every launch and never removes it."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
+    """The job's environment, with this checkout importable wherever the job runs from and
+    nothing from the directory it runs in (pipelines.processes: the ranks accelerate starts
+    inherit PYTHONSAFEPATH), and its temporary files in `folder`: torchrun makes a
+    `torchelastic_*` folder under the temporary directory on every launch and never removes
+    it."""
+    env = child_env()
     tmp = folder / "tmp"
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmp)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several processes
     return env
 
