@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 # A variant's name: also a file name and a store key.
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+
+
+def check_name(value: str) -> str:
+    """The one rule for names that become folder and file names (jobs, judges, variants):
+    letters, digits and . _ + -, starting with a letter or digit; no `/`, no `..`, no
+    spaces, so `<home>/runs/<name>` stays under the home and registers as a variant."""
+    if not re.fullmatch(VARIANT_NAME, value) or ".." in value:
+        raise ValueError("a name usable as a folder (letters, digits and . _ + -, starting "
+                         "with a letter or digit; no spaces, '/' or '..')")
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
 # The persona a job or the console uses when none is named.
 DEFAULT_PERSONA = "ayane"
 # The judge a job uses when none is named.

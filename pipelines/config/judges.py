@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipelines.config.base import Strict
+from pipelines.config.base import Name, Strict
 
 
 class JudgePrices(Strict):
@@ -15,7 +15,7 @@ class JudgePrices(Strict):
 
 
 class JudgeConfig(Strict):
-    name: str = Field(description="how jobs and the console name this judge")
+    name: Name = Field(description="how jobs and the console name this judge")
     provider: Literal["openai", "openai_compatible", "llama_cpp"] = Field(
         description="OpenAI, another OpenAI-compatible server (base_url), or a local GGUF")
     model: str = Field(description="model name at the provider, or a .gguf path for llama_cpp")

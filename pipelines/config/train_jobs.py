@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config.base import DEFAULT_PERSONA, VARIANT_NAME, Strict
+from pipelines.config.base import DEFAULT_PERSONA, Name, Strict
 
 
 class LoraSettings(Strict):
@@ -42,7 +42,7 @@ class AdapterJob(Strict):
     rate, batch and sequence sizes, eval share, checkpoint interval)."""
 
     job: str = Field(description="the job kind")
-    name: str = Field(description="the run's name: its folder and, by default, the variant's")
+    name: Name = Field(description="the run's name: its folder and, by default, the variant's")
     persona: str = Field(DEFAULT_PERSONA, description="whose prompts and data")
     base: str = Field(description="model variant name (hf backend) to train")
     output: str | None = Field(None, description="the run's folder; default <home>/runs/<name>")
@@ -52,7 +52,7 @@ class AdapterJob(Strict):
     grad_accum: int = Field(1, gt=0, description="steps whose gradients are summed per "
                             "optimizer update")
     seed: int = Field(0, description="data split, shuffling and initialisation")
-    variant: str | None = Field(None, pattern=VARIANT_NAME,
+    variant: Name | None = Field(None,
                                 description="name of the trained variant; default: the job name")
     dequantize_from: str | None = Field(
         None, description="a gguf variant (embedded) whose file is dequantised into the base "

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, model_validator
 
-from pipelines.config.base import VARIANT_NAME, Strict
+from pipelines.config.base import Name, Strict
 from pipelines.config.readers import read_yaml, validate_tagged
 
 
@@ -25,7 +25,7 @@ class Generation(Strict):
 
 
 class _VariantBase(Strict):
-    name: str = Field(pattern=VARIANT_NAME, description="how chat, jobs and the store name it")
+    name: Name = Field(description="how chat, jobs and the store name it")
     description: str = Field("", description="a note on what it is, for whoever reads the file")
     persona: str | None = Field(None, description="the persona it was made for; unset: the "
                                 "default persona")
