@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from console.text import visible
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -17,9 +19,14 @@ ConfigsOption = typer.Option(
 )
 
 
+def safe(text: str) -> str:
+    """Untrusted text for a Rich print: markup escaped, control characters visible."""
+    return escape(visible(text))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr, no traceback; the message may hold untrusted text."""
-    err.print(f"kyara: {escape(message)}", soft_wrap=True)
+    err.print(f"kyara: {safe(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

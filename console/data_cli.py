@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from console.common import ConfigsOption, err, fail, out
+from console.common import ConfigsOption, err, fail, out, safe
 
 data_app = typer.Typer(help="Prepare training data; inspect what the model is trained on.",
                        no_args_is_help=True)
@@ -55,7 +54,7 @@ def export_command(
         write_jsonl(output, made.rows)
     except (ConfigError, StoreError, OSError) as exc:
         fail(str(exc))
-    out.print(f"wrote {escape(made.summary())} to {escape(str(output))}", soft_wrap=True)
+    out.print(f"wrote {safe(made.summary())} to {safe(str(output))}", soft_wrap=True)
 
 
 @data_app.command("prep")
@@ -78,8 +77,8 @@ def prep(
                                                           dedupe=dedupe))
     except ConfigError as exc:
         fail(str(exc))
-    out.print(escape(report.text()), soft_wrap=True)
-    out.print(f"wrote {escape(str(output))}", soft_wrap=True)
+    out.print(safe(report.text()), soft_wrap=True)
+    out.print(f"wrote {safe(str(output))}", soft_wrap=True)
 
 
 @data_app.command("inspect")
@@ -106,7 +105,7 @@ def inspect(
         ws = Workspace.load(configs)
         notice = making_notice(ws.variant(variant), ws.settings.home_path())
         if notice:  # the dequantised Gemma 3 270M on a fresh home: made now, once
-            err.print(f"kyara: {escape(notice)}", soft_wrap=True)
+            err.print(f"kyara: {safe(notice)}", soft_wrap=True)
         shown = inspect_file(ws, data, variant, persona=persona,
                              start=index - 1, count=count, prep=prep, system_prompt=system,
                              max_seq_len=max_seq_len)
@@ -115,15 +114,15 @@ def inspect(
     bad = 0
     for example in shown:
         title = f"example {example.index + 1}" + (f" ({example.id})" if example.id else "")
-        out.print(f"[bold]{escape(title)}[/]", soft_wrap=True)
-        out.print(escape(example.text), soft_wrap=True)
-        out.print(escape(example.view), soft_wrap=True)
+        out.print(f"[bold]{safe(title)}[/]", soft_wrap=True)
+        out.print(safe(example.text), soft_wrap=True)
+        out.print(safe(example.view), soft_wrap=True)
         if example.problems:
             bad += 1
             for problem in example.problems:
-                err.print(f"[red]problem[/] {escape(problem)}", soft_wrap=True)
+                err.print(f"[red]problem[/] {safe(problem)}", soft_wrap=True)
         else:
-            out.print(f"[green]ok[/] the turn terminator {escape(example.terminator)} is "
+            out.print(f"[green]ok[/] the turn terminator {safe(example.terminator)} is "
                       "trained; BOS once", soft_wrap=True)
     if bad:
         raise typer.Exit(1)

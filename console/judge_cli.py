@@ -18,11 +18,10 @@ from typing import Any, Optional
 
 import click
 import typer
-from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from console.common import ConfigsOption, err, fail, out, user_errors
+from console.common import ConfigsOption, err, fail, out, safe, user_errors
 
 
 class _ScoreByDefault(TyperGroup):
@@ -59,7 +58,7 @@ def _progress(total: int, what: str) -> Any:
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err)
-    progress.add_task(escape(what), total=total)
+    progress.add_task(safe(what), total=total)
     return progress
 
 
@@ -121,7 +120,7 @@ def score(
         fail(str(exc))
     _print_summary(summarize(results, names), j)
     if output is not None:
-        err.print(f"wrote {len(items)} rows to {escape(str(output))}", soft_wrap=True)
+        err.print(f"wrote {len(items)} rows to {safe(str(output))}", soft_wrap=True)
     if j.fatal is not None:
         fail(str(j.fatal))
     failed = sum(v.status == "failed" for v in results.values())
@@ -132,7 +131,7 @@ def score(
 
 
 def _print_summary(summaries: list[Any], judge: Any) -> None:
-    table = Table(title=escape(f"judge {judge.name} ({judge.model}) · persona {judge.persona.id}"),
+    table = Table(title=safe(f"judge {judge.name} ({judge.model}) · persona {judge.persona.id}"),
                   header_style="bold")
     table.add_column("criterion", no_wrap=True)
     table.add_column("n", justify="right")
@@ -144,12 +143,12 @@ def _print_summary(summaries: list[Any], judge: Any) -> None:
     table.add_column("failed", justify="right")
     for s in summaries:
         table.add_row(
-            escape(s.criterion), str(s.ok),
+            safe(s.criterion), str(s.ok),
             f"{s.mean:.2f}" if s.mean is not None else "-",
             f"{s.weighted_mean:.2f}" if s.weighted_mean is not None else "-",
             *[str(s.distribution[k]) for k in range(1, 8)],
             str(s.invalid),
-            str(s.failed) + (f" ({escape(', '.join(f'{k} {n}' for k, n in s.failures.items()))})"
+            str(s.failed) + (f" ({safe(', '.join(f'{k} {n}' for k, n in s.failures.items()))})"
                              if s.failures else ""),
         )
     out.print(table)
@@ -211,7 +210,7 @@ def calibrate_command(
         fail(str(exc))
     for report in reports:
         _print_calibration(report)
-    err.print(f"saved to {escape(str(path))}", soft_wrap=True)
+    err.print(f"saved to {safe(str(path))}", soft_wrap=True)
     if j.fatal is not None:
         fail(str(j.fatal))
 
@@ -225,7 +224,7 @@ def _print_calibration(report: Any) -> None:
     def num(x: float | None) -> str:
         return f"{x:.3f}" if x is not None else "-"
 
-    out.print(escape(f"judge {report.judge} ({report.model}) · persona {report.persona} · "
+    out.print(safe(f"judge {report.judge} ({report.model}) · persona {report.persona} · "
                      f"{report.criterion} ({report.prompt_version}) · {report.date}"), soft_wrap=True)
     figures = Table(show_header=False, box=None)
     figures.add_column("figure")

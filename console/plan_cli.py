@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from console.common import ConfigsOption, fail, out
+from console.common import ConfigsOption, fail, out, safe
 
 
 def plan(
@@ -36,6 +35,6 @@ def plan(
         out.print("nothing to plan: the job runs no local hf model")
     for item in plans:
         for line in item.lines():
-            out.print(escape(line), soft_wrap=True)
+            out.print(safe(line), soft_wrap=True)
     if not all(p.fits for p in plans):
         raise typer.Exit(1)

@@ -13,15 +13,16 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Static, TextArea
 
+from console.text import visible
 from pipelines.style import StyleCheck
 
 THUMBS, THUMBS_DOWN, THUMBS_UP = "thumbs", 1, 2  # as pipelines.feedback stores them
 
 
 def plain(text: str) -> Text:
-    """Untrusted text as a renderable: no markup, control characters made visible."""
-    cleaned = "".join(ch if ch in "\n\t" or ch >= " " else f"\\x{ord(ch):02x}" for ch in text)
-    return Text(cleaned)
+    """Untrusted text as a renderable: no markup, control characters (C0, DEL, C1) made
+    visible (console.text)."""
+    return Text(visible(text))
 
 
 def score_style(score: float) -> str:

@@ -77,3 +77,23 @@ def test_ask_against_a_crashing_model_process_is_exit_1_and_one_line(tmp_path):
     rows = _messages(tmp_path / "home")
     assert rows[0]["content"] == "crash now"
     assert rows[1]["status"] == "error" and rows[1]["content"] == "ごきげん"
+
+
+def test_ask_never_writes_a_replys_control_sequences(tmp_path):
+    """A remote variant's reply holding OSC 52 (set the clipboard), a C1 CSI and NEL reaches
+    stdout as visible text: the bytes never reach the terminal."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    write_standin_variant(configs, tmp_path)
+    hostile = "ごきげんよう\x1b]52;c;ZXZpbA==\x07\x9b31m\x85\x7fです。"
+    proc = run_kyara("ask", "こんにちは", "--variant", "standin", "--configs", str(configs),
+                     "--max-new-tokens", "64",
+                     env={**STANDIN_ENV, "KYARA_STANDIN_REPLY": hostile})
+    assert proc.returncode == 0, proc.stderr
+    for byte in ("\x1b", "\x07", "\x9b", "\x85", "\x7f"):
+        assert byte not in proc.stdout and byte not in proc.stderr
+    assert proc.stdout.strip() == ("ごきげんよう\\x1b]52;c;ZXZpbA==\\x07\\x9b31m\\x85\\x7fです。")
+    reply = _messages(tmp_path / "home")[1]
+    assert reply["content"] == hostile  # the store keeps what the model said

@@ -5,7 +5,8 @@ processes the console starts read it too).
 CrashBackend answers like a model, a character at a time; a question containing `crash`
 makes it stream a few characters and then crash natively (a NULL read: SIGSEGV), one
 containing `abort` calls os.abort() (SIGABRT) the same way; with KYARA_STANDIN_CRASH=1
-every question crashes (for `kyara doctor`, whose question is fixed)."""
+every question crashes (for `kyara doctor`, whose question is fixed); KYARA_STANDIN_REPLY
+replaces the reply's text."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class CrashBackend:
         sent: list[str] = []
         delay = float(os.environ.get("KYARA_STANDIN_DELAY", "0.01"))
         try:
-            for char in REPLY[: options.max_new_tokens]:
+            reply = os.environ.get("KYARA_STANDIN_REPLY", REPLY)  # a hostile reply, say
+            for char in reply[: options.max_new_tokens]:
                 if "".join(sent) == PARTIAL and ("crash" in question or "abort" in question):
                     time.sleep(0.2)  # let the partial reply reach the consumer first
                     if "abort" in question:
