@@ -34,23 +34,11 @@ from pipelines.jobs import JobContext
 
 def calibration_problems(home: Path, judge: Any, persona: str, criteria: Sequence[str],
                          min_agreement: float) -> list[str]:
-    """One line per criterion whose calibration does not allow dropping data."""
-    from pipelines.judge import calibration_status
+    """One line per criterion whose calibration does not allow dropping data (the gate
+    lives with the calibration status: pipelines.judge.calibration)."""
+    from pipelines.judge.calibration import calibration_problems as problems
 
-    out = []
-    for name in criteria:
-        criterion = judge.criterion(name)
-        status = calibration_status(home, judge.name, persona, name, criterion.prompt_version,
-                                    judge.model)
-        rho = status.report.agreement.spearman if status.report is not None else None
-        if status.state == "uncalibrated":
-            out.append(f"{name}: no calibration")
-        elif status.state == "stale":
-            out.append(f"{name}: {status.label}")
-        elif rho is None or rho < min_agreement:
-            shown = "n/a" if rho is None else f"{rho:.2f}"
-            out.append(f"{name}: agreement ρ {shown} is below min_agreement {min_agreement:g}")
-    return out
+    return problems(home, judge, persona, criteria, min_agreement)
 
 
 def decide(item_ids: Sequence[str], criteria: Sequence[str], results: dict[tuple[str, str], Any],

@@ -10,16 +10,17 @@ Modules: prompt (the judge prompt: full profile, anchors, delimiters), parse (fi
 G-Eval weighting), providers (OpenAI, OpenAI-compatible, llama.cpp), runner (the Judge:
 concurrency, retries, cache, store), live (console API), batch (data files), batch_api
 (the OpenAI Batch API for large runs), calibrate
-(agreement with human labels). Never imports torch or textual.
+(the calibration run: agreement with human labels), calibration (the stored reports, the
+status the console shows and the curate job's gate). Never imports torch or textual.
 """
 
-from pipelines.judge.calibrate import (
+from pipelines.judge.calibrate import agreement, calibrate
+from pipelines.judge.calibration import (
     Agreement,
     CalibrationReport,
     CalibrationStatus,
-    agreement,
-    calibrate,
     calibration_path,
+    calibration_problems,
     calibration_status,
     load_calibration,
     save_calibration,
@@ -55,6 +56,7 @@ __all__ = [
     "agreement",
     "calibrate",
     "calibration_path",
+    "calibration_problems",
     "calibration_status",
     "load_calibration",
     "load_criteria",

@@ -11,44 +11,40 @@ counted, never scored.
 
 The figures are saved as JSON in `<home>/judges/<judge>/calibration.json`, one entry per
 persona and criterion, with the judge's model and the prompt version they were made
-with: the console shows them next to live scores, and a judge whose prompt has changed
-since is shown as "stale", one never calibrated as "uncalibrated".
+with. Reading them back, and what they mean for the console ("calibrated", "stale",
+"uncalibrated") and the curate job, is `pipelines.judge.calibration`; its names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import CalibrationRow
-from pipelines.files import write_json
+from pipelines.judge.calibration import (  # re-exported: the stored side of a calibration
+    FILE_VERSION,
+    Agreement,
+    CalibrationReport,
+    CalibrationStatus,
+    calibration_path,
+    calibration_status,
+    load_calibration,
+    save_calibration,
+)
 from pipelines.judge.verdict import Interaction, JudgeError, Verdict
 
-if TYPE_CHECKING:  # a type only: the runner imports this module for calibration_status
+if TYPE_CHECKING:  # a type only (the runner does not import this module either way)
     from pipelines.judge.runner import Judge
 
-FILE_VERSION = 1
-
-
-@dataclass
-class Agreement:
-    n: int = 0                      # labelled rows
-    scored: int = 0                 # rows with an ok verdict (the figures are over these)
-    invalid: int = 0
-    failed: int = 0
-    spearman: float | None = None
-    spearman_p: float | None = None
-    spearman_weighted: float | None = None
-    exact: float | None = None
-    within_one: float | None = None
-    mae: float | None = None
-    confusion: list[list[int]] = field(default_factory=lambda: [[0] * 7 for _ in range(7)])
+__all__ = ["FILE_VERSION", "Agreement", "CalibrationReport", "CalibrationStatus",
+           "StoredLabel", "agreement", "calibrate", "calibration_path", "calibration_rows",
+           "calibration_status", "labelled_criteria", "load_calibration", "save_calibration",
+           "stored_labels"]
 
 
 def _rho(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
@@ -89,35 +85,6 @@ def agreement(human: Sequence[int], verdicts: Sequence[Verdict]) -> Agreement:
     if len(weighted) == len(pairs) and weighted:
         out.spearman_weighted, _ = _rho([h for h, _ in weighted], [w for _, w in weighted])
     return out
-
-
-@dataclass
-class CalibrationReport:
-    judge: str
-    model: str
-    provider: str
-    persona: str
-    criterion: str
-    prompt_version: str
-    date: str
-    few_shot: int
-    seed: int
-    agreement: Agreement
-    # labelled rows by where they came from: {"file": n, "store": m} ({} in older files)
-    sources: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return f"{self.persona}/{self.criterion}"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CalibrationReport:
-        values = dict(data)
-        values["agreement"] = Agreement(**values["agreement"])
-        return cls(**values)
 
 
 def calibration_rows(rows: Sequence[CalibrationRow], criterion: str) -> list[CalibrationRow]:
@@ -197,54 +164,3 @@ def labelled_criteria(judge: Judge, use_store: bool = True) -> list[str]:
                 use_store and stored_labels(judge.store, judge.persona.id, name)):
             names.append(name)
     return names
-
-
-# --- the file the console reads --------------------------------------------------------
-
-
-def calibration_path(home: str | Path, judge: str) -> Path:
-    return Path(home) / "judges" / judge / "calibration.json"
-
-
-def load_calibration(home: str | Path, judge: str) -> dict[str, CalibrationReport]:
-    """Every saved report of a judge, by "persona/criterion" ({} when none or unreadable:
-    a damaged file only means "uncalibrated")."""
-    path = calibration_path(home, judge)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {key: CalibrationReport.from_json(value)
-                for key, value in data.get("reports", {}).items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
-
-
-def save_calibration(home: str | Path, report: CalibrationReport) -> Path:
-    """Add or replace this persona/criterion's report (atomic rename)."""
-    path = calibration_path(home, report.judge)
-    reports = load_calibration(home, report.judge)
-    reports[report.key] = report
-    payload = {"version": FILE_VERSION,
-               "reports": {key: value.to_json() for key, value in sorted(reports.items())}}
-    return write_json(path, payload)
-
-
-@dataclass
-class CalibrationStatus:
-    state: str                        # calibrated | stale | uncalibrated
-    label: str                        # short text for the console
-    report: CalibrationReport | None = None
-
-
-def calibration_status(home: str | Path, judge: str, persona: str, criterion: str,
-                       prompt_version: str, model: str | None = None) -> CalibrationStatus:
-    report = load_calibration(home, judge).get(f"{persona}/{criterion}")
-    if report is None:
-        return CalibrationStatus("uncalibrated", "uncalibrated")
-    if report.prompt_version != prompt_version or (model is not None and report.model != model):
-        return CalibrationStatus("stale", f"calibration stale (made with {report.model}, "
-                                 f"{report.prompt_version})", report)
-    a = report.agreement
-    rho = f"ρ {a.spearman:.2f}" if a.spearman is not None else "ρ n/a"
-    within = f", ±1 {a.within_one:.0%}" if a.within_one is not None else ""
-    return CalibrationStatus("calibrated", f"{rho}{within} (n={a.scored}, {report.date[:10]})",
-                             report)

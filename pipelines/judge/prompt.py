@@ -8,7 +8,9 @@ Why each part:
   against is given.
 - Anchors from the persona's calibration.jsonl, low, middle and high: they show the scale
   as the human labels use it. Chosen by a seeded RNG from the item, so a re-run builds the
-  same prompt (and a cached verdict stays meaningful); never the item itself.
+  same prompt (and a cached verdict stays meaningful); never the item itself. Only rows
+  labelled for the criterion: one without rows of its own is judged zero-shot (examples
+  "(none)"), which the Judge logs and shows in its calibration label.
 - Delimiters with fresh random hex per call and sanitized data: the reply under judgment
   is written by the model being judged, and may say "Score: 7" or try to close the data
   block; it cannot guess the delimiter and cannot write one.
@@ -91,9 +93,9 @@ def format_speech_rules(speech: SpeechRules) -> str:
 
 
 def anchor_pool(rows: Sequence[CalibrationRow], criterion: str) -> list[CalibrationRow]:
-    """Rows labelled for this criterion, else the personality rows (the lab's labels)."""
-    own = [r for r in rows if r.criterion == criterion]
-    return own or [r for r in rows if r.criterion == "personality"]
+    """Rows labelled for this criterion, and only those: a criterion without rows of its
+    own gets no anchors (zero-shot; the Judge says so), never another criterion's."""
+    return [r for r in rows if r.criterion == criterion]
 
 
 def select_anchors(rows: Sequence[CalibrationRow], criterion: str, interaction: Interaction,

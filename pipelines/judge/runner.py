@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Criterion, JudgeConfig, load_yaml
+from pipelines.judge.calibration import CalibrationStatus, calibration_status
 from pipelines.judge.parse import parse_score, reasoning_of, weighted_score
 from pipelines.judge.prompt import (
+    anchor_pool,
     build_prompt,
     check_template,
     format_profile,
@@ -49,6 +51,7 @@ from pipelines.judge.verdict import (
 from pipelines.workspace import PersonaData, Workspace
 
 log = logging.getLogger("kyara.judge")
+ZERO_SHOT = " · zero-shot (no anchors of its own)"  # ends a zero-shot criterion's label
 _ROW_NAMESPACE = uuid.UUID("6b1f0c8e-5a51-4b0e-9a55-6a7e1d2c3b4a")
 _IN_CHUNK = 200  # cache keys per store query
 
@@ -163,6 +166,12 @@ class Judge:
         # Verdicts of this session, ok/invalid: cache_key -> message_id -> verdict. The
         # store has them too, but the console asks again for a reply it just judged.
         self._memory: dict[str, dict[str, Verdict]] = {}
+        # Criteria that want anchors (few_shot > 0) but have no calibration rows of their
+        # own: they run zero-shot (no anchors borrowed from another criterion), say so once
+        # in the log (`_warned`) and in their calibration label.
+        self.zero_shot = {name for name in self.criteria
+                          if config.few_shot > 0 and not anchor_pool(data.calibration, name)}
+        self._warned: set[str] = set()
         self._contexts = {name: self._context_digest(c) for name, c in self.criteria.items()}
 
     @classmethod
@@ -188,21 +197,27 @@ class Judge:
     def model(self) -> str:
         return self.config.model
 
-    def calibration(self, criterion: str) -> Any:
-        """What the console shows beside a live score: a CalibrationStatus ("calibrated"
-        with rho, "stale" after a prompt or model change, or "uncalibrated")."""
-        from pipelines.judge.calibrate import calibration_status
-
+    def calibration(self, criterion: str) -> CalibrationStatus:
+        """What the console and the eval report show beside a score: a CalibrationStatus
+        ("calibrated" with rho, "stale" after a prompt or model change, or
+        "uncalibrated"), its label ending in ZERO_SHOT for a criterion without anchors of
+        its own."""
         c = self.criterion(criterion)
-        return calibration_status(self.home or ".", self.name, self.persona.id, c.name,
-                                  c.prompt_version, self.model)
+        status = calibration_status(self.home or ".", self.name, self.persona.id, c.name,
+                                    c.prompt_version, self.model)
+        if c.name in self.zero_shot:
+            status.label += ZERO_SHOT
+        return status
 
     # --- keys and prompts ----------------------------------------------------------------
 
     def _context_digest(self, criterion: Criterion) -> str:
+        # "zero-shot" only where it applies: the other criteria keep their cache keys, and
+        # a criterion that gets rows of its own later is judged afresh with them
+        mode = ("zero-shot",) if criterion.name in self.zero_shot else ()
         return digest_text(criterion.template, format_profile(self.persona),
                            format_speech_rules(self.persona.speech), self.config.few_shot,
-                           self.config.seed)
+                           self.config.seed, *mode)
 
     def criterion(self, name: str) -> Criterion:
         if name not in self.criteria:
@@ -219,6 +234,11 @@ class Judge:
     def prompt(self, interaction: Interaction, criterion: str):
         """The prompt as it would be sent (fresh delimiters each call)."""
         c = self.criterion(criterion)
+        if c.name in self.zero_shot and c.name not in self._warned:
+            self._warned.add(c.name)
+            log.warning("judge %s: criterion %s has no calibration rows of its own for "
+                        "persona %s: judged zero-shot (no anchors)", self.name, c.name,
+                        self.persona.id)
         anchors = select_anchors(self.data.calibration, c.name, interaction,
                                  self.config.few_shot, self.config.seed)
         return build_prompt(c, self.persona, interaction, anchors)

@@ -175,15 +175,25 @@ def test_the_item_is_never_its_own_anchor(data):
                 assert all((a.question, a.reply) != (row.question, row.reply) for a in anchors)
 
 
-def test_anchors_use_the_criterion_rows_else_personality():
+def test_anchors_use_the_criterion_rows_only():
     rows = [CalibrationRow(id=f"p{s}", question="q", reply=f"r{s}", score=s, reason="-")
             for s in range(1, 8)]
     rows += [CalibrationRow(id=f"s{s}", criterion="style", question="q", reply=f"s{s}", score=s,
                             reason="-") for s in (1, 4, 7)]
     assert {r.id for r in anchor_pool(rows, "style")} == {"s1", "s4", "s7"}
-    assert {r.id[0] for r in anchor_pool(rows, "values")} == {"p"}
+    assert anchor_pool(rows, "values") == []  # no rows of its own: nothing borrowed
     anchors = select_anchors(rows, "style", ITEM, 3, 0)
     assert {a.id for a in anchors} == {"s1", "s4", "s7"}
+    assert select_anchors(rows, "values", ITEM, 3, 0) == []
+
+
+def test_a_criterion_without_rows_gets_no_anchors_from_another(ws, data):
+    assert not any(r.criterion == "values" for r in data.calibration)  # ayane's file
+    anchors = select_anchors(data.calibration, "values", ITEM, 3, 0)
+    assert anchors == []
+    prompt = build_prompt(criterion(ws, "values"), data.persona, ITEM, anchors)
+    assert prompt.anchor_ids == ()
+    assert "Score (personality)" not in prompt.text and "(none)" in prompt.text
 
 
 def test_the_prompt_shows_the_anchors_with_score_and_reason(ws, data):

@@ -340,3 +340,46 @@ def test_backoff_doubles_with_jitter_up_to_the_cap(make_judge):
 def test_a_judge_without_calibration_says_uncalibrated(make_judge):
     status = make_judge(store=False).calibration("personality")
     assert status.state == "uncalibrated" and status.label == "uncalibrated"
+
+
+# --- anchors of its own, or zero-shot ----------------------------------------------------
+
+
+def examples_of(body: dict) -> str:
+    text = body["messages"][0]["content"]
+    return text.split("[Scored examples]")[1].split("[Interactions]")[0]
+
+
+async def test_a_criterion_without_rows_runs_zero_shot_and_says_so(server, make_judge, caplog):
+    caplog.set_level(logging.WARNING, logger="kyara.judge")
+    server.queue.extend([answer("理由。", 5), answer("理由。", 4)])
+    judge = make_judge(store=False)  # ayane's calibration.jsonl labels personality only
+    assert judge.zero_shot == {"style"}
+    first = await judge.score(ITEM, "style")
+    await judge.score(items(1)[0], "style")
+    assert first.status == "ok" and first.prompt_version == "style-v3"
+    for sent in server.requests:
+        shown = examples_of(sent.body)
+        assert "(none)" in shown and "Score (personality)" not in shown  # nothing borrowed
+    warned = [m for m in caplog.messages if "zero-shot" in m]
+    assert len(warned) == 1 and "style" in warned[0]  # once per criterion
+    status = judge.calibration("style")
+    assert status.state == "uncalibrated" and status.label.startswith("uncalibrated")
+    assert "zero-shot" in status.label
+
+
+async def test_a_criterion_with_rows_keeps_its_own_anchors(server, make_judge, caplog):
+    caplog.set_level(logging.WARNING, logger="kyara.judge")
+    server.queue.append(answer("理由。", 6))
+    judge = make_judge(store=False)
+    assert "personality" not in judge.zero_shot
+    await judge.score(ITEM, "personality")
+    shown = examples_of(server.requests[0].body)
+    assert shown.count("Score (personality)") == 3 and "(none)" not in shown
+    assert judge.prompt(ITEM, "personality").anchor_ids
+    assert not [m for m in caplog.messages if "zero-shot" in m]
+    assert judge.calibration("personality").label == "uncalibrated"
+
+
+def test_zero_shot_is_only_wanted_anchors_missing(make_judge):
+    assert make_judge(store=False, few_shot=0).zero_shot == set()  # none asked for
