@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import write_json
+from pipelines.home import Home
 
 FILE_VERSION = 1
 
@@ -70,7 +71,7 @@ class CalibrationReport:
 
 
 def calibration_path(home: str | Path, judge: str) -> Path:
-    return Path(home) / "judges" / judge / "calibration.json"
+    return Home(home).judges / judge / "calibration.json"
 
 
 def load_calibration(home: str | Path, judge: str) -> dict[str, CalibrationReport]:
