@@ -118,7 +118,8 @@ def index(
 ) -> None:
     """Embed the persona's knowledge.jsonl into the store (full-text + vectors)."""
     from pipelines.judge import JudgeError
-    from pipelines.retrieval import asks, build_notice, get_embedder, index_persona
+    from pipelines.retrieval import asks, build_notice
+    from pipelines.retrieval.opening import index_facts
     from pipelines.workspace import Workspace
     from store import Store
 
@@ -138,13 +139,13 @@ def index(
                       f"{len(made.failed)} failed (cache: {escape(str(cache))})")
             for line in made.failed:
                 err.print(f"kyara: asks: {escape(line)}")
-        generated = asks.cached_asks(data.knowledge, cache)
         store = Store.open(ws.settings.store_path())
         notice = build_notice(embedder, home)
         if notice:
             err.print(f"kyara: {notice}")
-        report = index_persona(store, data.persona.id, data.knowledge,
-                               get_embedder(embedder, home), rebuild=rebuild, asks=generated)
+        report = index_facts(store, data.persona.id, data.knowledge, home, embedder,
+                             rebuild=rebuild)
+        generated = asks.cached_asks(data.knowledge, cache)  # what --explain lists
     except user_errors(JudgeError) as exc:
         fail(str(exc))
     if report.note:
@@ -166,12 +167,14 @@ def retrieve(
     configs: Optional[Path] = ConfigsOption,
 ) -> None:
     """Print the facts retrieval finds for a question: ids, scores and text."""
-    from pipelines.chat import open_retriever
+    from pipelines.retrieval.opening import open_retriever
     from pipelines.workspace import Workspace
+    from store import Store
 
     try:
         ws = Workspace.load(configs)
-        retriever = open_retriever(ws, persona)
+        retriever, _ = open_retriever(Store.open(ws.settings.store_path()),
+                                      ws.persona(persona).id, ws.settings.home_path())
         hits = retriever.search(query, k=k)
     except user_errors() as exc:
         fail(str(exc))

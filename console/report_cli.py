@@ -26,9 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from console.common import ConfigsOption, err, fail, out, user_errors
-from pipelines.home import EvalFiles, Home
 
-RESULTS = EvalFiles.RESULTS
+RESULTS = "results.json"
 DASH = "—"
 STYLE_KEYS = ("ends", "register", "one_sentence", "stop", "newlines")
 STYLE_HEADERS = ("ends", "register", "1-sent", "stop", "newlines")
@@ -49,7 +48,7 @@ class RunError(Exception):
 
 
 def evals_dir(home: Path) -> Path:
-    return Home(home).evals
+    return Path(home) / "evals"
 
 
 @dataclass(frozen=True)
@@ -488,7 +487,7 @@ def meta_text(report: Report) -> Text:
 
 def paths_text(report: Report) -> Text:
     text = Text()
-    for name in (EvalFiles.REPORT_HTML, EvalFiles.REPORT_MD):
+    for name in ("report.html", "report.md"):
         path = report.folder / name
         text.append(f"{name:<12}", style="bold")
         text.append(str(path))

@@ -346,6 +346,7 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
     """Everything a chat needs, from the user's configuration: persona, variant, backend,
     store, and a retriever when the persona has been indexed."""
     from pipelines.inference.worker import spawn_backend
+    from pipelines.retrieval.opening import find_retriever  # numpy and the store's index
 
     settings = workspace.settings
     p = workspace.persona(persona)
@@ -362,50 +363,6 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
     if resume:
         return ChatSession.resume(store, resume, **kwargs)
     return ChatSession(store=store, **kwargs)
-
-
-def find_retriever(store: Store, persona: str, home: Path | None = None) -> Any:
-    """A Retriever over the persona's indexed facts, with the embedder they were indexed
-    with (built embedders live under `home`); None when the persona has not been indexed."""
-    from pipelines.retrieval import Retriever, get_embedder
-
-    if store.knowledge_dim() is None:
-        return None
-    indexed = store.rows("knowledge", where=f"persona = {quote(persona)}", limit=1)
-    if not indexed:
-        return None
-    return Retriever(store, persona, get_embedder(indexed[0]["embedder"], home))
-
-
-def index_if_needed(store: Store, workspace: Any, persona: str, home: Path,
-                    needed_by: str) -> str | None:
-    """The persona's knowledge.jsonl indexed when it is not yet (once, with the index job's
-    default embedder: what `kyara index` would do), for a job that retrieves (the eval job,
-    the train job's rag_share). Returns a note saying it indexed now, else None;
-    ConfigError, naming `needed_by`, when the persona has no facts."""
-    if find_retriever(store, persona, home) is not None:
-        return None
-    from pipelines.config import ConfigError, IndexJob, KnowledgeFact, load_jsonl
-    from pipelines.retrieval import asks, get_embedder, index_persona
-
-    path = workspace.persona_dir(persona) / "knowledge.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{needed_by} needs the persona's facts, and {path} does not exist")
-    embedder = IndexJob(job="index", name=f"index-{persona}").embedder
-    facts = load_jsonl(path, KnowledgeFact)
-    index_persona(store, persona, facts, get_embedder(embedder, home),
-                  asks=asks.cached_asks(facts, asks.cache_path(home, persona)))
-    return (f"retrieval: persona {persona} was not indexed; indexed {path.name} with "
-            f"{embedder} (once)")
-
-
-def open_retriever(workspace: Any, persona: str | None = None) -> Any:
-    p = workspace.persona(persona)
-    store = Store.open(workspace.settings.store_path())
-    retriever = find_retriever(store, p.id, workspace.settings.home_path())
-    if retriever is None:
-        raise BackendError(f"persona '{p.id}' is not indexed (run: kyara index {p.id})")
-    return retriever
 
 
 @dataclass

@@ -29,7 +29,8 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     ctx.check_cancelled()
 
     yield ev.stage("embedder", f"loading {cfg.embedder}")
-    from pipelines.retrieval import build_notice, get_embedder, index_persona  # no torch here
+    from pipelines.retrieval import build_notice, get_embedder  # no torch here
+    from pipelines.retrieval.opening import index_facts
 
     notice = build_notice(cfg.embedder, ctx.workspace.settings.home_path())
     if notice:
@@ -41,11 +42,8 @@ def run(cfg: IndexJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.stage("index", "embedding new and changed facts, removing stale ones")
     # index_persona embeds in one batch, so progress can only say "begun" and "finished".
     yield ev.progress(0, len(facts), "facts", stage="index")
-    from pipelines.retrieval import asks
-
-    generated = asks.cached_asks(facts, asks.cache_path(ctx.home, persona.id))  # kyara index --generate-asks
-    report = index_persona(ctx.store, persona.id, facts, embedder, rebuild=cfg.rebuild,
-                           asks=generated)
+    # as `kyara index` does: with the asks `kyara index --generate-asks` cached
+    report = index_facts(ctx.store, persona.id, facts, ctx.home, embedder, rebuild=cfg.rebuild)
     yield ev.progress(len(facts), len(facts), "facts", stage="index")
 
     yield ev.metric("facts_indexed", report.added + report.updated, stage="index")

@@ -51,7 +51,6 @@ from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, Persona, TrainJob
 from pipelines.events import Event
 from pipelines.files import replace_folder
-from pipelines.home import RUNS
 from pipelines.jobs import JobContext
 from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.training.examples import Example
@@ -60,7 +59,7 @@ LABELS_FILE = "labels.txt"
 
 
 def output_dir(cfg: TrainJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, RUNS, cfg.name)
+    return jobs.output_dir(cfg.output, home, "runs", cfg.name)
 
 
 def variant_name(cfg: TrainJob) -> str:
@@ -188,9 +187,11 @@ def rag_prompts(cfg: TrainJob, ctx: JobContext, persona: Persona, rows: list[dic
     if cfg.rag_share <= 0:
         return rows
     yield ev.stage("rag", f"the retrieval prompt on {cfg.rag_share:.0%} of the conversations")
-    from pipelines.training.rag_examples import add_rag_prompts, indexed_facts, open_retriever
+    from pipelines.retrieval.opening import open_retriever
+    from pipelines.training.rag_examples import add_rag_prompts, indexed_facts
 
-    retriever, note = open_retriever(ctx.store, ctx.workspace, persona.id, ctx.home)
+    retriever, note = open_retriever(ctx.store, persona.id, ctx.home, workspace=ctx.workspace,
+                                     needed_by="rag_share: the retrieval prompt")
     if note:
         yield ev.log(note)
     try:

@@ -23,7 +23,6 @@ from typing import Any
 
 from pipelines.config import ConfigError, KnowledgeFact
 from pipelines.files import write_atomic
-from pipelines.home import Home
 
 PROMPT_VERSION = 1
 ASKS_PER_FACT = 5
@@ -44,7 +43,7 @@ def fact_key(fact: KnowledgeFact) -> str:
 
 
 def cache_path(home: Path, persona: str) -> Path:
-    return Home(home).asks / f"{persona}.json"
+    return Path(home) / "asks" / f"{persona}.json"
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:

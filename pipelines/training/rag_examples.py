@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, Persona
@@ -140,19 +139,3 @@ def add_rag_prompts(rows: Sequence[dict[str, Any]], persona: Persona, retriever:
                     "messages": [{"role": "system", "content": system}, *row["messages"]],
                     "rag": {"facts": [fid for fid, _ in prompt_facts], "inserted": inserted}})
     return out, counts
-
-
-def open_retriever(store: Store, workspace: Any, persona: str, home: Path
-                   ) -> tuple[Any, str | None]:
-    """The persona's retriever, as chat opens it; the persona's knowledge.jsonl indexed
-    first when it is not (once, with the index job's default embedder, as the eval job
-    does). Returns (retriever, a note when it indexed now)."""
-    from pipelines.chat import find_retriever, index_if_needed
-
-    note = index_if_needed(store, workspace, persona, home,
-                           "rag_share: the retrieval prompt")
-    retriever = find_retriever(store, persona, home)
-    if retriever is None:
-        raise ConfigError(f"rag_share: persona {persona}'s knowledge.jsonl holds no facts to "
-                          "retrieve")
-    return retriever, note

@@ -372,6 +372,65 @@ def test_a_simulated_user_plays_the_asker(env, server):
     assert rows_["ayane-s"]["criteria"]["stability"]["mean"] == pytest.approx(6.0)
 
 
+def test_a_simulated_user_is_asked_again_after_a_retryable_error(env, server):
+    """The simulator's provider fails once with a retryable error (HTTP 500, Retry-After
+    0), then answers: asked again as the judge asks again, so the reply has no error."""
+    failed: list[int] = []
+
+    def respond(request):
+        if request.prompt.startswith("You play a user") and not failed:
+            failed.append(request.index)
+            return Reply(status=500, headers={"Retry-After": "0"})
+        return Reply(text=judge_text(request.prompt))
+
+    server.responder = respond
+    events, _ = run_job(env, job_file(env, sets=["simulated"], simulator="scripted",
+                                      simulated_turns=3, limits={"simulated": 1},
+                                      pairwise_criteria=[]))
+    assert events[-1].type == "done", events[-1]
+    assert failed  # the first simulator request failed
+    out = Path(events[-1].summary["output"])
+    rows = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(not r["error"] for r in rows)
+    for row in rows:
+        users = [m["content"] for m in row["transcript"] if m["role"] == "user"]
+        assert users[1:] == ["では、2つ目の質問です。好きな花は？",
+                             "では、3つ目の質問です。好きな花は？"]
+    simulated = [r for r in server.requests if r.prompt.startswith("You play a user")]
+    assert len(simulated) == 2 * 2 + 1  # two turns per combination, one asked twice
+
+
+def test_an_eval_run_opens_the_judge_and_the_retriever_once(env, server, monkeypatch):
+    """Plan, judge, pairwise and results share one Judge; generation one Retriever."""
+    from pipelines.judge.runner import Judge
+    from pipelines.retrieval import Retriever
+
+    opened: list[str] = []
+    open_judge = Judge.open.__func__
+
+    def counting_open(cls, *args, **kwargs):
+        opened.append(args[1] if len(args) > 1 else kwargs.get("judge"))
+        return open_judge(cls, *args, **kwargs)
+
+    made: list[str] = []
+    init = Retriever.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(args[1] if len(args) > 1 else "")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Judge, "open", classmethod(counting_open))
+    monkeypatch.setattr(Retriever, "__init__", counting_init)
+    events, _ = run_job(env, job_file(env, rag=[False, True], sets=["heldout"],
+                                      limits={"heldout": 2}))
+    assert events[-1].type == "done", events[-1]
+    assert [e.stage for e in events if e.type == "stage"] == [
+        "validate", "plan", "generate", "judge", "pairwise", "results", "report"]
+    assert opened == ["scripted"]
+    assert made == ["ayane"]
+    assert events[-1].summary["judge_requests"] > 0
+
+
 def test_hf_like_backends_answer_single_questions_in_batches(env, server, tmp_path,
                                                              monkeypatch):
     """A backend with generate_batch (the hf backend) gets the held-out questions and

@@ -11,13 +11,14 @@ from collections.abc import Iterator, Sequence
 import pytest
 import yaml
 
-from pipelines.chat import ChatSession, find_retriever
+from pipelines.chat import ChatSession
 from pipelines.config import ConfigError, KnowledgeFact, TrainJob, load_jsonl, parse_job
 from pipelines.inference.base import Delta, GenerationOptions
 from pipelines.jobs import JobContext, get_job
 from pipelines.jobs import train as job
 from pipelines.prompting import render_prompt
 from pipelines.retrieval import Retriever, get_embedder, index_persona
+from pipelines.retrieval.opening import find_retriever
 from pipelines.training import rag_examples as rag
 from pipelines.training.trainer import COMPLETE
 from pipelines.workspace import Workspace
