@@ -285,12 +285,6 @@ def read_exit(run_dir: Path | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _status_of_event(event: Event) -> str:
-    if event.type == "done":
-        return "done"
-    return "cancelled" if event.kind == ev.CANCELLED else "error"
-
-
 def status(run: RunHandle) -> str:
     """The run's status now: the stored status once it is final (no file is read: a list of
     hundreds of old runs stays cheap); exit.json if the runner got that far; else whether
@@ -306,13 +300,13 @@ def status(run: RunHandle) -> str:
         # line on the run has ended, even while the process finishes its bookkeeping.
         last = last_event(run.events_path) if run.events_path is not None else None
         if last is not None and last.terminal:
-            return _status_of_event(last)
+            return last.final_status
         return "running" if last is not None else "starting"
     if run.events_path is not None:
         events, _ = read_events(run.events_path)
         terminal = [e for e in events if e.terminal]
         if terminal:  # the runner died between its last event and exit.json
-            return _status_of_event(terminal[-1])
+            return terminal[-1].final_status
     if pid is None and run.created_at is not None:
         age = (datetime.now(timezone.utc) - run.created_at).total_seconds()
         if age < START_GRACE_S:

@@ -26,8 +26,9 @@ from rich.table import Table
 from rich.text import Text
 
 from console.common import ConfigsOption, err, fail, out, user_errors
+from pipelines.home import EvalFiles, Home
 
-RESULTS = "results.json"
+RESULTS = EvalFiles.RESULTS
 DASH = "—"
 STYLE_KEYS = ("ends", "register", "one_sentence", "stop", "newlines")
 STYLE_HEADERS = ("ends", "register", "1-sent", "stop", "newlines")
@@ -48,7 +49,7 @@ class RunError(Exception):
 
 
 def evals_dir(home: Path) -> Path:
-    return Path(home) / "evals"
+    return Home(home).evals
 
 
 @dataclass(frozen=True)
@@ -487,7 +488,7 @@ def meta_text(report: Report) -> Text:
 
 def paths_text(report: Report) -> Text:
     text = Text()
-    for name in ("report.html", "report.md"):
+    for name in (EvalFiles.REPORT_HTML, EvalFiles.REPORT_MD):
         path = report.folder / name
         text.append(f"{name:<12}", style="bold")
         text.append(str(path))

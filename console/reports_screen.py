@@ -34,6 +34,7 @@ from console.report_cli import (
     HeadlineTables,
     Report,
     RunError,
+    evals_dir,
     list_runs,
     meta_text,
     paths_text,
@@ -220,7 +221,7 @@ class ReportsScreen(Screen[None]):
         options = self.query_one("#reports", OptionList)
         options.clear_options()
         if not self.runs:
-            title.update(Text(f"reports: no eval runs under {self.home / 'evals'} yet: run "
+            title.update(Text(f"reports: no eval runs under {evals_dir(self.home)} yet: run "
                               "an eval job (ctrl+j, n). Escape back"))
             return
         title.update(Text(f"reports: {len(self.runs)} eval runs, newest first "
@@ -233,7 +234,7 @@ class ReportsScreen(Screen[None]):
         if event.state == WorkerState.ERROR:
             self.loaded = True
             self.query_one("#reports-title", Static).update(
-                Text(f"reports: could not read {self.home / 'evals'}: {event.worker.error}",
+                Text(f"reports: could not read {evals_dir(self.home)}: {event.worker.error}",
                      style="red"))
 
     @on(OptionList.OptionSelected, "#reports")

@@ -45,6 +45,7 @@ from pipelines import feedback as fb
 from pipelines import turn
 from pipelines.config import ConfigError, read_text
 from pipelines.files import jsonl_lines
+from pipelines.home import EvalFiles, Home
 from store import Store, quote
 
 KINDS = ("sft", "dpo", "kto", "labels")
@@ -52,8 +53,6 @@ SOURCES = ("human", "judge")
 FORMATS = ("trl", "sharegpt")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 PAIRWISE = "pairwise:"
-EVAL_REPLIES = "replies.jsonl"
-EVAL_VERDICTS = "verdicts.jsonl"
 _NAMESPACE = uuid.UUID("9c4d7e21-3b5a-4f08-a6c1-2e8f0d7b5a93")
 
 
@@ -314,7 +313,7 @@ def kto_export(store: Store, prefs: Sequence[Mapping[str, Any]], *, source: str 
 
 def eval_dirs(home: Path) -> list[Path]:
     """The eval output folders under <home>/evals (the eval job's default place)."""
-    root = Path(home) / "evals"
+    root = Home(home).evals
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -337,7 +336,7 @@ def judge_preferences(store: Store, dirs: Sequence[Path]) -> list[dict[str, Any]
     store and the two orders' verdicts are in its judgments table."""
     out: list[dict[str, Any]] = []
     for folder in dirs:
-        verdicts_path, replies_path = folder / EVAL_VERDICTS, folder / EVAL_REPLIES
+        verdicts_path, replies_path = folder / EvalFiles.VERDICTS, folder / EvalFiles.REPLIES
         if not verdicts_path.is_file() or not replies_path.is_file():
             continue
         replies: dict[tuple[str, str, str, int], dict[str, Any]] = {}

@@ -103,6 +103,14 @@ class Event(BaseModel):
     def terminal(self) -> bool:
         return self.type in TERMINAL
 
+    @property
+    def final_status(self) -> str:
+        """The run's status once this terminal event is its last: done, cancelled (an
+        error of kind `cancelled`) or error; the runner records it, the console reads it."""
+        if self.type == "done":
+            return "done"
+        return "cancelled" if self.kind == CANCELLED else "error"
+
     def to_json(self) -> str:
         # ensure_ascii=False: persona facts and model replies are Japanese; keep them legible
         return json.dumps(self.model_dump(mode="json", exclude_none=True), ensure_ascii=False,

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from pipelines.files import rename
+from pipelines.home import Home
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_VARIANT = "gemma3-270m"
@@ -115,13 +116,13 @@ def export_job(ship: Shipped, home: Path, variant: str) -> dict[str, Any]:
     Q4_K_M base, verified there, into the ship home."""
     return {"job": "export", "name": ship.variant, "variant": variant, "outtype": "f16",
             "lora_only": True, "base_gguf": BASE_VARIANT,
-            "output": str(home / "exports" / ship.variant), "force": True}
+            "output": str(Home(home).exports / ship.variant), "force": True}
 
 
 def peft_variant(ship: Shipped, home: Path, adapter_dir: Path) -> str:
     """An hf variant in the ship home for exactly this adapter: the trained variant's
     base model (what the train job registered) with `adapter_dir`."""
-    trained = home / "models" / f"{ship.trained}.yaml"
+    trained = Home(home).models / f"{ship.trained}.yaml"
     if not trained.is_file():
         raise SystemExit(f"{trained}: {ship.job.name} did not register {ship.trained} in "
                          f"{home}")
@@ -129,18 +130,18 @@ def peft_variant(ship: Shipped, home: Path, adapter_dir: Path) -> str:
     name = f"{ship.variant}-peft"
     data.update(name=name, adapter=str(adapter_dir),
                 description=f"the PEFT adapter make ayane-adapter exports ({adapter_dir})")
-    (home / "models" / f"{name}.yaml").write_text(
+    (Home(home).models / f"{name}.yaml").write_text(
         yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return name
 
 
 def export(ship: Shipped, home: Path, adapter_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The export job run on the adapter: (the GGUF LoRA file, its verification)."""
-    job = home / "jobs" / f"export-{ship.variant}.yaml"
+    job = Home(home).jobs / f"export-{ship.variant}.yaml"
     job.parent.mkdir(parents=True, exist_ok=True)
     cfg = export_job(ship, home, peft_variant(ship, home, adapter_dir))
     job.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    run_dir = home / "runs" / f"export-{ship.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Home(home).runs / f"export-{ship.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"exporting: {job.name} into {run_dir}", flush=True)
     done = run_job(job, home, run_dir)
     (lora,) = [Path(done["output"]) / name for name in done["files"]]
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     ship = SHIPPED[args.variant]
     home = args.home.resolve()
-    run_dir = (args.run_dir or home / "runs" / f"{ship.variant}-ship").resolve()
+    run_dir = (args.run_dir or Home(home).runs / f"{ship.variant}-ship").resolve()
     out = (args.out or ship.out).resolve()
     target = out / "adapter.gguf"
     if target.exists() and not args.force:

@@ -17,12 +17,13 @@ import yaml
 
 from pipelines.config import HFVariant, Variant
 from pipelines.files import write_atomic
+from pipelines.home import Home
 
 _NAMESPACE = uuid.UUID("0f5d3c52-7c1e-4c7a-9a43-2b1f6d8e9a10")
 
 
 def home_models_dir(home: Path) -> Path:
-    return Path(home) / "models"
+    return Home(home).models
 
 
 def variant_row_id(name: str) -> str:

@@ -35,6 +35,7 @@ from pipelines.config import (
     load_yaml,
     read_yaml,
 )
+from pipelines.home import Home
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PERSONA_FILES = {
@@ -103,7 +104,7 @@ class Workspace:
         """configs/models/*.yaml, then the variants that jobs wrote into <home>/models/
         (trained adapters); a configs/ file of the same name wins: it is the user's own."""
         files = _yaml_files(self.configs / "models")
-        for name, path in _yaml_files(self.settings.home_path() / "models").items():
+        for name, path in _yaml_files(Home(self.settings.home_path()).models).items():
             files.setdefault(name, path)
         return files
 
@@ -159,7 +160,7 @@ class Workspace:
         if name not in files:
             known = ", ".join(files) or "none"
             raise ConfigError(f"model variant '{name}' not found in {self.configs / 'models'} "
-                              f"or {self.settings.home_path() / 'models'} (known: {known})")
+                              f"or {Home(self.settings.home_path()).models} (known: {known})")
         return _variant_at(name, files[name])
 
     def judge(self, name: str | None = None) -> JudgeConfig:

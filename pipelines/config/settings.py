@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from pipelines.config.base import DEFAULT_JUDGE, DEFAULT_PERSONA, Strict
+from pipelines.home import Home
 
 
 def _key(default: str, what: str) -> Any:
@@ -77,7 +78,7 @@ class AppSettings(Strict):
         return (
             Path(os.path.expandvars(self.store)).expanduser()
             if self.store
-            else self.home_path() / "store"
+            else Home(self.home_path()).store
         )
 
 

@@ -41,8 +41,9 @@ from pipelines.evaluation.stats import (
     wilson,
 )
 from pipelines.files import write_json
+from pipelines.home import EvalFiles
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = EvalFiles.RESULTS
 SET_ORDER = ("heldout", "probes", "scripts", "simulated")
 # Sets whose items are conversations: a per-turn question id "s01#3" belongs to script "s01".
 CONVERSATION_SETS = ("scripts", "simulated")

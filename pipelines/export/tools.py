@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from pipelines.config import ConfigError
 from pipelines.files import rename
+from pipelines.home import Home
 
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LORA = "convert_lora_to_gguf.py"
@@ -46,7 +47,7 @@ def llama_cpp_version() -> str:
 
 
 def tools_dir(home: Path, version: str | None = None) -> Path:
-    return Path(home) / "tools" / f"llama.cpp-{version or llama_cpp_version()}"
+    return Home(home).tools / f"llama.cpp-{version or llama_cpp_version()}"
 
 
 def check_converter_dir(folder: Path, source: str) -> Path:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from pipelines.files import rename
+from pipelines.home import Home
 from pipelines.inference.base import BackendError
 
 # name in configs (GGUFVariant.embedded) -> (module, file name under <home>/models)
@@ -31,13 +32,13 @@ DEQUANTIZED = {
 def dequantized_source(path: Path, home: Path) -> str | None:
     """The embedded GGUF that the folder `path` is made from, or None for any other path."""
     folder = Path(path)
-    if folder.parent.resolve() != (Path(home) / "models").resolve():
+    if folder.parent.resolve() != Home(home).models.resolve():
         return None
     return DEQUANTIZED.get(folder.name)
 
 
 def embedded_path(name: str, home: Path) -> Path:
-    return Path(home) / "models" / EMBEDDED[name][1]
+    return Home(home).models / EMBEDDED[name][1]
 
 
 def ensure_embedded(name: str, home: Path) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipelines.config import ConfigError
+from pipelines.home import EVOLVE, EXPORTS, MERGES, MODELS, RUNS, STORE, TOOLS, Home
 from pipelines.inference.base import BackendError
 
 PROBE_TIMEOUT_S = 2.0
@@ -49,7 +50,7 @@ def resolve_path(value: str, home: Path | None) -> Path:
 
 
 # The folders kyara writes under its home: `models/x` is a path there, never a hub id.
-KYARA_HOME_DIRS = ("models", "runs", "exports", "merges", "evolve", "tools", "store")
+KYARA_HOME_DIRS = (MODELS, RUNS, EXPORTS, MERGES, EVOLVE, TOOLS, STORE)
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -191,8 +192,8 @@ def _make_known_folder(path: Path, home: Path | None, variant: str) -> Path | No
 
 
 def _how_made(path: Path, home: Path | None) -> str:
-    if home is not None and path.is_relative_to(Path(home) / "runs"):
+    if home is not None and path.is_relative_to(Home(home).runs):
         return "a train job writes it: kyara jobs run configs/jobs/<job>.yaml"
-    if home is not None and path.is_relative_to(Path(home) / "merges"):
+    if home is not None and path.is_relative_to(Home(home).merges):
         return "a merge job writes it: kyara jobs run configs/jobs/<job>.yaml"
     return "point the variant's model: at a transformers model folder or a hub id org/name"

@@ -29,6 +29,7 @@ from pipelines import events as ev
 from pipelines.config import ConfigError, CurateJob
 from pipelines.events import Event
 from pipelines.files import write_jsonl
+from pipelines.home import Home
 from pipelines.jobs import JobContext
 
 
@@ -68,7 +69,7 @@ def run(cfg: CurateJob, ctx: JobContext) -> Iterator[Event]:
     yield ev.start("curate", cfg.name, f"persona {cfg.persona}, judge {cfg.judge}, "
                    f"criteria {', '.join(cfg.criteria)}, threshold {cfg.threshold:g}")
     source = source_path(cfg, ctx)
-    folder = ctx.home / "runs" / cfg.name
+    folder = Home(ctx.home).runs / cfg.name
     for key, path in (("kept", _path(cfg.kept, folder / "kept.jsonl")),
                       ("dropped", _path(cfg.dropped, folder / "dropped.jsonl"))):
         if path.exists() and source.exists() and os.path.samefile(path, source):
@@ -140,7 +141,7 @@ def _judge_batch(cfg: CurateJob, ctx: JobContext, judge: Any, items: list[Any]
     loop = asyncio.new_event_loop()
     try:
         verdicts = yield from judge_batch(
-            judge, asks, ctx.home / "runs" / cfg.name / "batch.json", loop=loop,
+            judge, asks, Home(ctx.home).runs / cfg.name / "batch.json", loop=loop,
             poll_s=cfg.batch_poll_s, timeout_s=cfg.batch_timeout_s, stage="judge",
             check_cancelled=ctx.check_cancelled)
     finally:
@@ -171,7 +172,7 @@ def _write(cfg: CurateJob, ctx: JobContext, items: list[Any],
                             "reasons": reasons[item.id]})
         else:
             kept.append(item.row)
-    folder = ctx.home / "runs" / cfg.name
+    folder = Home(ctx.home).runs / cfg.name
     kept_path = _path(cfg.kept, folder / "kept.jsonl")
     dropped_path = _path(cfg.dropped, folder / "dropped.jsonl")
     write_jsonl(kept_path, kept)

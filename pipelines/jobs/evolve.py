@@ -39,6 +39,7 @@ from pipelines import jobs
 from pipelines.config import EvolveJob
 from pipelines.events import Event
 from pipelines.files import write_atomic
+from pipelines.home import EVOLVE
 from pipelines.jobs import JobContext
 
 MEMORY = "memory"  # error kind: the plan does not fit the device
@@ -46,7 +47,7 @@ NO_RESULT = "no_result"  # every evaluation failed
 
 
 def search_dir(cfg: EvolveJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, "evolve", cfg.name)
+    return jobs.output_dir(cfg.output, home, EVOLVE, cfg.name)
 
 
 def run(cfg: EvolveJob, ctx: JobContext) -> Iterator[Event]:

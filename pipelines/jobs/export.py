@@ -41,6 +41,7 @@ from pipelines import jobs
 from pipelines.config import ConfigError, ExportJob, GGUFVariant, HFVariant
 from pipelines.events import Event
 from pipelines.files import replace_folder
+from pipelines.home import EXPORTS
 from pipelines.jobs import JobContext
 
 VERIFICATION = "verification"  # error kind: the GGUF does not behave like its source
@@ -49,7 +50,7 @@ VERIFICATION_FILE = "verification.json"
 
 
 def output_dir(cfg: ExportJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, "exports", cfg.name)
+    return jobs.output_dir(cfg.output, home, EXPORTS, cfg.name)
 
 
 def run(cfg: ExportJob, ctx: JobContext) -> Iterator[Event]:

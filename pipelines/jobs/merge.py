@@ -20,13 +20,14 @@ from pipelines import events as ev
 from pipelines import jobs
 from pipelines.config import MergeJob
 from pipelines.events import Event
+from pipelines.home import MERGES
 from pipelines.jobs import JobContext
 
 MEMORY = "memory"  # error kind: the plan does not fit the device
 
 
 def output_dir(cfg: MergeJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, "merges", cfg.name)
+    return jobs.output_dir(cfg.output, home, MERGES, cfg.name)
 
 
 def run(cfg: MergeJob, ctx: JobContext) -> Iterator[Event]:

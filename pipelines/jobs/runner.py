@@ -44,13 +44,13 @@ from pipelines import events as ev
 from pipelines.config import AppSettings, ConfigError, apply_env, load_job, read_yaml
 from pipelines.events import EVENTS_FILE, Event, EventWriter
 from pipelines.files import write_json
+from pipelines.home import Home
 from pipelines.jobs import JobCancelled, JobContext, get_job
 
 CONFIG_FILE = "config.yaml"
 EXIT_FILE = "exit.json"
 TRACEBACK_FILE = "traceback.txt"
 PID_FILE = "pid"
-RUNS_DIR = "runs"
 
 EXIT_DONE, EXIT_FAILED, EXIT_USER = 0, 1, 2
 FINAL_STATUSES = frozenset({"done", "error", "cancelled", "lost"})
@@ -74,7 +74,7 @@ def run_dir_name(name: str, run_id: str, when: datetime | None = None) -> str:
 
 
 def default_run_dir(home: Path, name: str, run_id: str) -> Path:
-    return Path(home) / RUNS_DIR / run_dir_name(name, run_id)
+    return Home(home).runs / run_dir_name(name, run_id)
 
 
 def resolved_config_yaml(cfg: Any, source: str | Path, run_id: str) -> str:
@@ -323,15 +323,9 @@ def _exit_code(final: Event) -> int:
     return EXIT_USER if final.kind in _USER_KINDS else EXIT_FAILED
 
 
-def _status_of(final: Event) -> str:
-    if final.type == "done":
-        return "done"
-    return "cancelled" if final.kind == ev.CANCELLED else "error"
-
-
 def _finish(writer: EventWriter, store: Any, row: dict[str, Any], directory: Path,
             run_id: str, final: Event, code: int, started: float, say: Any) -> RunOutcome:
-    status = _status_of(final)
+    status = final.final_status
     summary = (final.summary or {}) if final.type == "done" else {
         "error": {"kind": final.kind, "message": final.message}}
     if store is not None:

@@ -51,6 +51,7 @@ from pipelines import jobs
 from pipelines.config import ConfigError, GGUFVariant, HFVariant, Persona, TrainJob
 from pipelines.events import Event
 from pipelines.files import replace_folder
+from pipelines.home import RUNS
 from pipelines.jobs import JobContext
 from pipelines.training.data import PrepOptions, prepare, read_conversations, write_jsonl
 from pipelines.training.examples import Example
@@ -59,7 +60,7 @@ LABELS_FILE = "labels.txt"
 
 
 def output_dir(cfg: TrainJob, home: Path) -> Path:
-    return jobs.output_dir(cfg.output, home, "runs", cfg.name)
+    return jobs.output_dir(cfg.output, home, RUNS, cfg.name)
 
 
 def variant_name(cfg: TrainJob) -> str:

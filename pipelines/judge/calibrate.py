@@ -151,7 +151,7 @@ async def calibrate(judge: Judge, criterion: str = "personality", *, use_store: 
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         few_shot=judge.config.few_shot, seed=judge.config.seed,
         agreement=agreement([r.score for r in labelled], verdicts),
-        sources={"file": len(rows), "store": len(stored)},
+        sources={"file": len(rows), "store": len(stored)}, identity=judge.identity,
     )
     return report, list(zip(labelled, verdicts, strict=True))
 

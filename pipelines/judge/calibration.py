@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import write_json
+from pipelines.home import Home
 
 FILE_VERSION = 1
 
@@ -51,6 +52,9 @@ class CalibrationReport:
     agreement: Agreement
     # labelled rows by where they came from: {"file": n, "store": m} ({} in older files)
     sources: dict[str, int] = field(default_factory=dict)
+    # verdict.judge_identity of the judge measured: server, model, sampling ("" in files
+    # written before it was recorded: stale, nobody can tell which server answered)
+    identity: str = ""
 
     @property
     def key(self) -> str:
@@ -70,7 +74,7 @@ class CalibrationReport:
 
 
 def calibration_path(home: str | Path, judge: str) -> Path:
-    return Path(home) / "judges" / judge / "calibration.json"
+    return Home(home).judges / judge / "calibration.json"
 
 
 def load_calibration(home: str | Path, judge: str) -> dict[str, CalibrationReport]:
@@ -106,13 +110,20 @@ class CalibrationStatus:
 
 
 def calibration_status(home: str | Path, judge: str, persona: str, criterion: str,
-                       prompt_version: str, model: str | None = None) -> CalibrationStatus:
+                       prompt_version: str, model: str | None = None,
+                       identity: str | None = None) -> CalibrationStatus:
+    """Whether the judge as it is now (prompt version, model, and `identity`: the server
+    and sampling, verdict.judge_identity) was calibrated: a calibration measured against
+    another server or other settings is stale."""
     report = load_calibration(home, judge).get(f"{persona}/{criterion}")
     if report is None:
         return CalibrationStatus("uncalibrated", "uncalibrated")
     if report.prompt_version != prompt_version or (model is not None and report.model != model):
         return CalibrationStatus("stale", f"calibration stale (made with {report.model}, "
                                  f"{report.prompt_version})", report)
+    if identity is not None and report.identity != identity:
+        return CalibrationStatus("stale", "calibration stale (made against another server "
+                                 "or other sampling settings)", report)
     a = report.agreement
     rho = f"ρ {a.spearman:.2f}" if a.spearman is not None else "ρ n/a"
     within = f", ±1 {a.within_one:.0%}" if a.within_one is not None else ""
@@ -129,7 +140,7 @@ def calibration_problems(home: str | Path, judge: Any, persona: str, criteria: S
     for name in criteria:
         criterion = judge.criterion(name)
         status = calibration_status(home, judge.name, persona, name, criterion.prompt_version,
-                                    judge.model)
+                                    judge.model, judge.identity)
         rho = status.report.agreement.spearman if status.report is not None else None
         if status.state == "uncalibrated":
             out.append(f"{name}: no calibration")

@@ -47,6 +47,7 @@ from pipelines.judge.verdict import (
     Verdict,
     cache_key,
     digest_text,
+    judge_identity,
 )
 from pipelines.workspace import PersonaData, Workspace
 
@@ -172,6 +173,7 @@ class Judge:
         self.zero_shot = {name for name in self.criteria
                           if config.few_shot > 0 and not anchor_pool(data.calibration, name)}
         self._warned: set[str] = set()
+        self.identity = judge_identity(config)  # who answers and how: in every key
         self._contexts = {name: self._context_digest(c) for name, c in self.criteria.items()}
 
     @classmethod
@@ -204,7 +206,7 @@ class Judge:
         its own."""
         c = self.criterion(criterion)
         status = calibration_status(self.home or ".", self.name, self.persona.id, c.name,
-                                    c.prompt_version, self.model)
+                                    c.prompt_version, self.model, self.identity)
         if c.name in self.zero_shot:
             status.label += ZERO_SHOT
         return status
@@ -215,9 +217,12 @@ class Judge:
         # "zero-shot" only where it applies: the other criteria keep their cache keys, and
         # a criterion that gets rows of its own later is judged afresh with them
         mode = ("zero-shot",) if criterion.name in self.zero_shot else ()
+        # the anchors' content: an edited calibration row changes the prompts it is shown in
+        anchors = [[r.id, r.question, r.reply, r.score, r.reason]
+                   for r in anchor_pool(self.data.calibration, criterion.name)]
         return digest_text(criterion.template, format_profile(self.persona),
                            format_speech_rules(self.persona.speech), self.config.few_shot,
-                           self.config.seed, *mode)
+                           self.config.seed, self.identity, digest_text(anchors), *mode)
 
     def criterion(self, name: str) -> Criterion:
         if name not in self.criteria:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -170,6 +171,21 @@ def cache_key(*, persona: str, interaction: Interaction, criterion: str, judge_m
     parts = ["kyara-judge/1", persona, interaction.digest(), criterion, judge_model,
              prompt_version, context]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+def judge_identity(config: Any) -> str:
+    """Who answers and how (a JudgeConfig): provider, the server really reached (OpenAI's
+    own reads OPENAI_BASE_URL when no base_url is set, as its client does), model and every
+    sampling setting. In each cache key and each calibration: pointing a judge at another
+    server, or changing how it samples, asks again and makes its calibration stale."""
+    base = config.base_url
+    if config.provider == "openai" and base is None:
+        base = os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
+    return digest_text(config.provider, base or "", config.model, config.temperature,
+                       config.seed, config.max_tokens, config.logprobs)
 
 
 def digest_text(*parts: str | int | Sequence[str]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,19 @@ class InMemoryMerger:
         drawn (here from a generator seeded per candidate, tensor and model). False when
         the tensor is not the plain case (a missing optional input): the caller then uses
         mergekit's own whole-tensor path."""
+        sparse = self._sparse_merge(weight, task, target)
+        if sparse is None:
+            return False
+        # pass 1: thresholds and rescale factors, per model
+        plan = {i: sparse.threshold_and_scale(i, ref) for i, ref in enumerate(sparse.others)}
+        # pass 2: merge chunk by chunk
+        for span in sparse.spans:
+            target[span[0]:span[1]].copy_(sparse.merged_rows(span, plan))
+        return True
+
+    def _sparse_merge(self, weight: Any, task: Any, target: Any) -> _SparseMerge | None:
+        """The task's inputs bound as mergekit binds them (defaults, per-input weight and
+        density) and the row spans of `target`; None when it is not the plain case."""
         import torch
         from mergekit import merge_methods
         from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
@@ -245,7 +259,7 @@ class InMemoryMerger:
         gather = task.gather_tensors
         found = {ref: self._find(ref, info) for ref, info in gather.weight_info.items()}
         if base_ref is None or any(name is None for _, name in found.values()):
-            return False
+            return None
         refs = list(task.model_order)
         others = [r for r in refs if r != base_ref]
         # mergekit's own binding: defaults, per-input weight and density
@@ -259,100 +273,16 @@ class InMemoryMerger:
         magnitude = method.sparsification_method == SparsificationMethod.magnitude
         random = method.sparsification_method == SparsificationMethod.random
         if not (magnitude or random) or method.consensus_method not in (None, "sum"):
-            return False
+            return None
         rows_total = target.shape[0]
         per_row = max(1, target.numel() // rows_total)
         step = max(1, MERGE_CHUNK_ELEMENTS // per_row)
-        spans = [(a, min(a + step, rows_total)) for a in range(0, rows_total, step)]
-        dtype = gather.dtype or "float32"
-
-        def rows_of(ref: Any, span: tuple[int, int]) -> Any:
-            return self._load(ref, gather.weight_info[ref], dtype, span).float()
-
-        seed = torch.initial_seed()
-
-        def draw(i: int, span: tuple[int, int], shape: Any, density: float) -> Any:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed((seed * 1_000_003 + _crc(weight.name) * 101 + i * 7919
-                             + span[0]) % (2**63 - 1))
-            return (torch.rand(shape, generator=gen, device=self.device) < density).float()
-
-        # pass 1: thresholds and rescale factors
-        plan: dict[int, tuple[float | None, float]] = {}  # model -> (threshold, scale)
-        for i, ref in enumerate(others):
-            density = float(bound["density"][ref])
-            if density >= 1:
-                plan[i] = (None, 1.0)
-                continue
-            if magnitude:
-                size = target.numel()
-                k = max(1, int(density * size)) if density > 0 else 0
-                flat = torch.empty(size, dtype=torch.float32, device=self.device)
-                at = 0
-                for span in spans:
-                    piece = (rows_of(ref, span) - rows_of(base_ref, span)).abs().reshape(-1)
-                    flat[at:at + piece.numel()] = piece
-                    at += piece.numel()
-                before = float(flat.sum())
-                if not k:
-                    threshold, after = float("inf"), 0.0
-                elif flat.device.type == "cpu":
-                    # in place: the top k end up in flat[size - k:], no copy, no indices
-                    array = flat.numpy()
-                    array.partition(size - k)
-                    threshold = float(array[size - k])
-                    after = float(flat[size - k:].sum())
-                else:
-                    threshold = float(torch.kthvalue(flat, size - k + 1).values)
-                    after = float(torch.where(flat >= threshold, flat, 0).sum())
-                del flat
-            else:
-                threshold = None
-                before = after = 0.0
-                for span in spans:
-                    delta = rows_of(ref, span) - rows_of(base_ref, span)
-                    before += float(delta.abs().sum())
-                    after += float((delta * draw(i, span, delta.shape, density)).abs().sum())
-            scale = (before / after if bound["rescale"] and before >= 1e-7 and after >= 1e-7
-                     else 1.0)
-            plan[i] = (threshold, scale)
-
-        # pass 2: merge chunk by chunk
-        weights = [float(bound["weight"][r]) for r in others]
-        for span in spans:
-            base = rows_of(base_ref, span)
-            deltas = []
-            for i, ref in enumerate(others):
-                delta = rows_of(ref, span) - base
-                threshold, scale = plan[i]
-                density = float(bound["density"][ref])
-                if density < 1:
-                    mask = ((delta.abs() >= threshold).float() if magnitude
-                            else draw(i, span, delta.shape, density))
-                    delta = delta * mask
-                    if scale != 1.0:
-                        delta = delta * scale
-                deltas.append(delta * weights[i])
-            stacked = torch.stack(deltas)
-            del deltas
-            w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-            w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
-            if method.consensus_method:
-                majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-                mask = stacked.sign() == majority
-                mixed = (stacked * mask).sum(dim=0)
-                divisor = (w * mask).sum(dim=0)
-                divisor[divisor == 0] = 1
-            else:
-                mixed = stacked.sum(dim=0)
-                divisor = w.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
-            if bound["normalize"]:
-                mixed /= divisor
-            if bound["lambda"] != 1:
-                mixed *= bound["lambda"]
-            target[span[0]:span[1]].copy_(base + mixed)
-        return True
+        return _SparseMerge(
+            merger=self, name=weight.name, gather=gather, dtype=gather.dtype or "float32",
+            base_ref=base_ref, others=others, bound=bound, magnitude=magnitude,
+            consensus=method.consensus_method, size=target.numel(),
+            spans=[(a, min(a + step, rows_total)) for a in range(0, rows_total, step)],
+            seed=torch.initial_seed())
 
     @staticmethod
     def _chunks(target: Any, chunked: bool) -> Iterator[tuple[int, int] | None]:
@@ -401,3 +331,121 @@ class InMemoryMerger:
     def close(self) -> None:
         for index in self.sources.values():
             index.close()
+
+
+@dataclass
+class _SparseMerge:
+    """One big tensor's ties / dare_ties merge (InMemoryMerger._sparse_into): its inputs read
+    in row spans, each model's threshold and rescale factor, and the merged rows."""
+
+    merger: InMemoryMerger
+    name: str  # the tensor's name (seeds dare's masks)
+    gather: Any
+    dtype: str
+    base_ref: Any
+    others: list[Any]  # the models merged into the base, in the task's order
+    bound: dict[str, Any]  # mergekit's bound parameters: weight, density, rescale, ...
+    magnitude: bool  # ties (magnitude sparsification); else dare (random)
+    consensus: str | None
+    size: int
+    spans: list[tuple[int, int]]
+    seed: int
+
+    def rows_of(self, ref: Any, span: tuple[int, int]) -> Any:
+        return self.merger._load(ref, self.gather.weight_info[ref], self.dtype, span).float()
+
+    def draw(self, i: int, span: tuple[int, int], shape: Any, density: float) -> Any:
+        import torch
+
+        device = self.merger.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + _crc(self.name) * 101 + i * 7919
+                         + span[0]) % (2**63 - 1))
+        return (torch.rand(shape, generator=gen, device=device) < density).float()
+
+    def threshold_and_scale(self, i: int, ref: Any) -> tuple[float | None, float]:
+        """Pass 1 for one model: its magnitude threshold (ties: the k-th largest |delta|;
+        dare: None) and its L1 rescale factor."""
+        density = float(self.bound["density"][ref])
+        if density >= 1:
+            return None, 1.0
+        if self.magnitude:
+            threshold, before, after = self._top_k(ref, density)
+        else:
+            threshold = None
+            before = after = 0.0
+            for span in self.spans:
+                delta = self.rows_of(ref, span) - self.rows_of(self.base_ref, span)
+                before += float(delta.abs().sum())
+                after += float((delta * self.draw(i, span, delta.shape, density)).abs().sum())
+        scale = (before / after if self.bound["rescale"] and before >= 1e-7 and after >= 1e-7
+                 else 1.0)
+        return threshold, scale
+
+    def _top_k(self, ref: Any, density: float) -> tuple[float, float, float]:
+        """ties: the k-th largest |delta| over the whole tensor, and the L1 norms of the
+        deltas before and after keeping the top k."""
+        import torch
+
+        size = self.size
+        k = max(1, int(density * size)) if density > 0 else 0
+        flat = torch.empty(size, dtype=torch.float32, device=self.merger.device)
+        at = 0
+        for span in self.spans:
+            piece = (self.rows_of(ref, span) - self.rows_of(self.base_ref, span)).abs().reshape(-1)
+            flat[at:at + piece.numel()] = piece
+            at += piece.numel()
+        before = float(flat.sum())
+        if not k:
+            threshold, after = float("inf"), 0.0
+        elif flat.device.type == "cpu":
+            # in place: the top k end up in flat[size - k:], no copy, no indices
+            array = flat.numpy()
+            array.partition(size - k)
+            threshold = float(array[size - k])
+            after = float(flat[size - k:].sum())
+        else:
+            threshold = float(torch.kthvalue(flat, size - k + 1).values)
+            after = float(torch.where(flat >= threshold, flat, 0).sum())
+        del flat
+        return threshold, before, after
+
+    def merged_rows(self, span: tuple[int, int],
+                    plan: dict[int, tuple[float | None, float]]) -> Any:
+        """Pass 2 for one row span: base + the sparsified, weighted, sign-agreed deltas."""
+        import torch
+
+        bound = self.bound
+        weights = [float(bound["weight"][r]) for r in self.others]
+        base = self.rows_of(self.base_ref, span)
+        deltas = []
+        for i, ref in enumerate(self.others):
+            delta = self.rows_of(ref, span) - base
+            threshold, scale = plan[i]
+            density = float(bound["density"][ref])
+            if density < 1:
+                mask = ((delta.abs() >= threshold).float() if self.magnitude
+                        else self.draw(i, span, delta.shape, density))
+                delta = delta * mask
+                if scale != 1.0:
+                    delta = delta * scale
+            deltas.append(delta * weights[i])
+        stacked = torch.stack(deltas)
+        del deltas
+        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
+        if self.consensus:
+            majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
+            mask = stacked.sign() == majority
+            mixed = (stacked * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = stacked.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if bound["normalize"]:
+            mixed /= divisor
+        if bound["lambda"] != 1:
+            mixed *= bound["lambda"]
+        return base + mixed

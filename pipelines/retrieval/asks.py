@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.config import ConfigError, KnowledgeFact
 from pipelines.files import write_atomic
+from pipelines.home import Home
 
 PROMPT_VERSION = 1
 ASKS_PER_FACT = 5
@@ -43,7 +44,7 @@ def fact_key(fact: KnowledgeFact) -> str:
 
 
 def cache_path(home: Path, persona: str) -> Path:
-    return Path(home) / "asks" / f"{persona}.json"
+    return Home(home).asks / f"{persona}.json"
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.files import rename
+from pipelines.home import Home
 
 NAME = "e5-onnx"
 FORMAT = 1  # bump when the files build() writes change
@@ -256,7 +257,7 @@ def embedder_dir(home: Path | None) -> Path:
         from pipelines.config import AppSettings, apply_env
 
         home = apply_env(AppSettings()).home_path()
-    return Path(home) / "models"
+    return Home(home).models
 
 
 _BUILD_LOCK = threading.Lock()

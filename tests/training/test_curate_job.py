@@ -74,11 +74,14 @@ def provider(monkeypatch):
 def calibrate(ws, criterion: str, rho: float | None) -> None:
     from pipelines.judge.runner import load_criteria
 
+    from pipelines.judge.verdict import judge_identity
+
     version = load_criteria(ws, [criterion])[criterion].prompt_version
     save_calibration(ws.settings.home_path(), CalibrationReport(
         judge="scripted", model="scripted-judge", provider="openai_compatible",
         persona="ayane", criterion=criterion, prompt_version=version, date="2026-11-25",
-        few_shot=0, seed=0, agreement=Agreement(n=10, scored=10, spearman=rho)))
+        few_shot=0, seed=0, agreement=Agreement(n=10, scored=10, spearman=rho),
+        identity=judge_identity(ws.judge("scripted"))))  # measured against this server
 
 
 def run_curate(ws, tmp_path, name="run", **changes):

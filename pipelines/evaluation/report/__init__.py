@@ -41,6 +41,7 @@ from pipelines.evaluation.report.markdown import markdown
 from pipelines.evaluation.report.page import html_page
 from pipelines.evaluation.report.plots import render_plots
 from pipelines.files import write_atomic
+from pipelines.home import EvalFiles
 
 __all__ = ["LAB_QUESTION", "MISSING", "OUTCOMES", "SET_TITLES", "STYLE_CHECKS", "fmt_date",
            "fmt_diff", "fmt_mean", "fmt_p", "fmt_pairwise", "fmt_rate", "html_page",
@@ -55,7 +56,7 @@ def write_report(results: Mapping[str, Any], folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     md_text = markdown(results)
     html_text = html_page(results)
-    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path, html_path = folder / EvalFiles.REPORT_MD, folder / EvalFiles.REPORT_HTML
     write_atomic(md_path, md_text)
     write_atomic(html_path, html_text)
     return md_path, html_path
