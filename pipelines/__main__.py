@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.processes import private
+
+    private()  # umask 077: the run's files are its user's alone, however it was started
     args = build_parser().parse_args(argv)
     if args.command == "run":
         for signum in _CANCEL_SIGNALS:

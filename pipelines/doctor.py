@@ -280,13 +280,29 @@ def check_store(path: Path) -> Check:
     return Check("store", "ok", f"{path} (schema v{store.schema_version}; {summary})")
 
 
-def run_checks(configs: str | Path | None = None) -> list[Check]:
+def check_home(home: Path, fix: bool = False) -> Check:
+    """Whether other users can enter the kyara home; with `fix` (the user's consent:
+    `kyara doctor --fix-permissions`), group and other permissions taken off all of it."""
+    from pipelines.home import home_problem, make_private
+
+    problem = home_problem(home)
+    if problem and fix:
+        changed = make_private(home)
+        return Check("home", "ok", f"{home}: made private ({changed} entries changed)")
+    if problem:
+        return Check("home", "warn", problem, required=False)
+    return Check("home", "ok", f"{home} (private)")
+
+
+def run_checks(configs: str | Path | None = None, fix_permissions: bool = False
+               ) -> list[Check]:
     from pipelines.workspace import Workspace
 
     ws = Workspace.load(configs)
+    home = check_home(ws.settings.home_path(), fix_permissions)
     gpu_offload = check_gpu_offload()
     checks = [check_python(), *check_torch(), check_llama_cpp(),
               *([gpu_offload] if gpu_offload else []), *check_libraries(),
-              check_embedded_model(), *check_workspace(ws),
+              check_embedded_model(), home, *check_workspace(ws),
               check_store(ws.settings.store_path()), check_engine(ws)]
     return checks

@@ -8,6 +8,7 @@ without paying for pipelines' imports.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 STORE = "store"      # the LanceDB store (unless `store:` / KYARA_STORE says otherwise)
@@ -98,3 +99,48 @@ class Home:
     @property
     def judges(self) -> Path:
         return self.root / JUDGES
+
+
+def home_problem(root: str | os.PathLike[str]) -> str | None:
+    """One line when other users can enter the home, else None. The home's own mode is
+    what counts: a 0700 folder keeps everything inside it private, whatever their modes."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if not mode & 0o077:
+        return None
+    return (f"the kyara home {root} is open to other users (mode {mode:04o}): "
+            "kyara doctor --fix-permissions makes it and everything in it yours alone")
+
+
+def ensure_private_home(root: str | os.PathLike[str]) -> str | None:
+    """The home, created 0700 when missing (its parents as the umask says); for an existing
+    one, `home_problem`'s line (None: private). Nothing is changed without consent:
+    `make_private` does, for `kyara doctor --fix-permissions`."""
+    root = Path(root)
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # another process made it
+        else:
+            os.chmod(root, 0o700)  # mkdir's mode is filtered by the umask
+        return None
+    return home_problem(root)
+
+
+def make_private(root: str | os.PathLike[str]) -> int:
+    """Group and other permissions taken off the home and everything in it (symbolic
+    links left alone); how many entries changed."""
+    root = Path(root)
+    changed = 0
+    for p in (root, *root.rglob("*")):
+        if p.is_symlink():
+            continue
+        mode = p.lstat().st_mode
+        if mode & 0o077:
+            os.chmod(p, mode & 0o7700)
+            changed += 1
+    return changed

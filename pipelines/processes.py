@@ -19,6 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # this checkout (or the installed packages' folder)
 
 
+PRIVATE_UMASK = 0o077
+
+
+def private() -> None:
+    """What this process creates (files and folders under the home, logs, exports) is its
+    user's alone, whatever the shell's umask: umask 077, inherited by every child. Called
+    first by each entry point: `kyara`, the job runner, the model worker."""
+    os.umask(PRIVATE_UMASK)
+
+
 def python(*args: str) -> list[str]:
     """The command line of a Python child: this interpreter, safe path, then `args`
     (`"-m", "module", ...` or `"-c", code, ...`)."""

@@ -38,6 +38,7 @@ import yaml
 
 from pipelines.files import rename
 from pipelines.home import Home
+from pipelines.processes import child_env, python
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_VARIANT = "gemma3-270m"
@@ -91,10 +92,9 @@ def finished_run(run_dir: Path) -> dict[str, Any] | None:
 def run_job(job: Path, home: Path, run_dir: Path) -> dict[str, Any]:
     """One job through the job runner (`python -m pipelines run`, as the console starts
     them), in the ship's own home; its `done` summary."""
-    env = {**os.environ, "KYARA_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "pipelines", "run", str(job), "--run-dir",
-                    str(run_dir), "--configs", str(REPO / "configs")], check=True, env=env,
-                   cwd=REPO)
+    env = {**child_env(), "KYARA_HOME": str(home)}
+    subprocess.run(python("-m", "pipelines", "run", str(job), "--run-dir", str(run_dir),
+                          "--configs", str(REPO / "configs")), check=True, env=env, cwd=REPO)
     done = finished_run(run_dir)
     if done is None:
         raise SystemExit(f"the {job.stem} job ended without a done event: see {run_dir}")

@@ -9,6 +9,7 @@ package (the embedded default persona and model).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from pipelines.config import (
     load_yaml,
     read_yaml,
 )
-from pipelines.home import Home
+from pipelines.home import Home, ensure_private_home
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PERSONA_FILES = {
@@ -51,14 +52,28 @@ PERSONA_FILES = {
 
 
 def find_configs_dir(explicit: str | Path | None = None) -> Path:
+    """The configs/ to load: the one named (`--configs`), else `KYARA_CONFIGS`, else this
+    checkout's. A configs/ in the current directory is never taken on its own (on a shared
+    server anyone may leave one, pointing `llama_cpp_dir:` at scripts the export runs):
+    when one is there, one line on stderr says it is not used and how to use it."""
     if explicit:
         return Path(explicit)
     if os.environ.get("KYARA_CONFIGS"):
         return Path(os.environ["KYARA_CONFIGS"])
     here = Path.cwd() / "configs"
-    if (here / "kyara.yaml").is_file():
-        return here
+    if (here / "kyara.yaml").is_file() and here.resolve() != PACKAGED_CONFIGS.resolve():
+        _say_once(f"kyara: not using {here} (a configs/ in the current directory is taken "
+                  f"only when named: KYARA_CONFIGS={here} or --configs {here})")
     return PACKAGED_CONFIGS
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
 
 
 @dataclass
@@ -91,8 +106,16 @@ class Workspace:
         if not root.is_dir():
             raise ConfigError(f"{root}: configs directory not found (set KYARA_CONFIGS)")
         app_file = root / "kyara.yaml"
-        settings = load_yaml(app_file, AppSettings) if app_file.exists() else AppSettings()
-        return cls(configs=root, settings=apply_env(settings))
+        settings = apply_env(load_yaml(app_file, AppSettings) if app_file.exists()
+                             else AppSettings())
+        try:  # made 0700 when missing; an open one is named once, fixed only when asked
+            problem = ensure_private_home(settings.home_path())
+        except OSError as exc:
+            raise ConfigError(f"home: cannot create {settings.home_path()}: "
+                              f"{exc.strerror or exc}") from None
+        if problem:
+            _say_once(f"kyara: {problem}")
+        return cls(configs=root, settings=settings)
 
     # --- listing ---------------------------------------------------------------------
 

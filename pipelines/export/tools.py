@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from pipelines.config import ConfigError
 from pipelines.files import rename
 from pipelines.home import Home
+from pipelines.processes import python
 
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LORA = "convert_lora_to_gguf.py"
@@ -83,7 +83,7 @@ def converter_dir(home: Path, llama_cpp_dir: str | None = None, say: Say | None 
 
 
 def download_sdist(version: str, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}",
+    command = [*python("-m", "pip"), "download", f"llama-cpp-python=={version}",
                "--no-deps", "--no-binary", ":all:", "-d", str(into),
                "--disable-pip-version-check", "--quiet"]
     try:

@@ -186,14 +186,15 @@ class ModelProcess:
             log = open(self.log_path, "ab")
         else:
             log = subprocess.DEVNULL
-        env = dict(os.environ if self.env is None else self.env)
-        # the repository (or installed package) first, whatever the caller's cwd is
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # the repository (or installed package) first, whatever the caller's cwd is, and
+        # nothing from that cwd (pipelines.processes)
+        from pipelines.processes import child_env, python
+
+        env = child_env(self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.inference.worker"],
+                python("-m", "pipelines.inference.worker"),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
                 close_fds=True,
             )

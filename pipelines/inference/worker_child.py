@@ -138,6 +138,9 @@ def _stream(channel: _Channel, backend: Any, rid: int, request: dict[str, Any],
 
 
 def main() -> int:
+    from pipelines.processes import private
+
+    private()  # umask 077: logs and anything the model writes are this user's alone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
     channel = _Channel()
     requests: queue.Queue = queue.Queue()

@@ -149,10 +149,12 @@ class JobContext:
 
 
 def output_dir(output: str | None, home: Path, folder: str, name: str) -> Path:
-    """Where a job writes what it makes: its `output:` (~ and $VARS expanded), else
+    """Where a job writes what it makes: its `output:` (~ and $VARS expanded; a relative
+    one under the home, never the directory the job was started from), else
     <home>/<folder>/<job name>. Absolute."""
     if output:
-        return Path(os.path.expandvars(output)).expanduser().resolve()
+        path = Path(os.path.expandvars(output)).expanduser()
+        return (path if path.is_absolute() else Path(home) / path).resolve()
     return (Path(home) / folder / name).resolve()
 
 

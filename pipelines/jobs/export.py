@@ -47,6 +47,7 @@ from pipelines.jobs import JobContext
 VERIFICATION = "verification"  # error kind: the GGUF does not behave like its source
 EXPORT = "export"              # error kind: a converter or quantisation failure
 VERIFICATION_FILE = "verification.json"
+MADE_BY = ".kyara-export"  # in every output an export publishes: what force may replace
 
 
 def output_dir(cfg: ExportJob, home: Path) -> Path:
@@ -133,6 +134,8 @@ def validate(cfg: ExportJob, ctx: JobContext) -> Generator[Event, None, Source]:
     if out.exists() and not cfg.force:
         raise ConfigError(f"output: {out} exists (set force: true in the job file to "
                           "overwrite it)")
+    if out.exists():
+        refuse_to_replace(out, ctx.home)
     persona = variant.persona or ctx.workspace.settings.default_persona
     base_gguf, base_variant = _base_gguf(cfg, ctx)
     return Source(variant, model_dir, adapter, quants, out, persona,
@@ -293,6 +296,26 @@ def _lora_kind(kind: str, path: Path, src: Source) -> str:
     return f"lora on {path.name}" if src.base_gguf is not None else f"lora + {kind} base"
 
 
+def made_by_kyara(folder: Path) -> bool:
+    """An export's output: the marker publish writes, or (an export made before it) its
+    verification report."""
+    return (folder / MADE_BY).is_file() or (folder / VERIFICATION_FILE).is_file()
+
+
+def refuse_to_replace(out: Path, home: Path) -> None:
+    """`force: true` replaces an export kyara made, nothing else: never a folder without
+    its marker, the home, or a folder holding the home or the current directory."""
+    held = [p for p in (Path(home).resolve(), Path.cwd().resolve())
+            if p == out or out in p.parents]
+    if held:
+        raise ConfigError(f"output: {out} holds {held[0]}; force: true replaces only an "
+                          "export's own folder")
+    if not out.is_dir() or not made_by_kyara(out):
+        raise ConfigError(f"output: {out} was not made by a kyara export (no {MADE_BY} in "
+                          "it); force: true replaces only kyara's own exports: choose "
+                          "another output or remove it yourself")
+
+
 def _report(results: dict[str, Any]) -> str:
     report = {kind: r.to_dict() for kind, r in results.items()}
     return json.dumps(report, ensure_ascii=False, indent=2)
@@ -305,6 +328,8 @@ def publish(src: Source, staged: Path, partial: Path, results: dict[str, Any]) -
     out = src.out
     shutil.rmtree(staged, ignore_errors=True)
     (partial / VERIFICATION_FILE).write_text(_report(results), encoding="utf-8")
+    (partial / MADE_BY).write_text(json.dumps({"job": "export", "name": src.variant.name},
+                                              ensure_ascii=False) + "\n", encoding="utf-8")
     replace_folder(partial, out)  # an output there before: force: true (checked in validate)
 
 

@@ -3,6 +3,11 @@ default one per GPU, one on the CPU), each with its own resident model and judge
 cluster named by `ray_address:` (or RAY_ADDRESS), else on a local Ray started for the job
 and stopped after it.
 
+On a shared server (issue 27): token auth always; a job-local Ray is `address="local"` in a
+private temporary folder with a fresh token, never another user's cluster; a named cluster
+that lets in clients without a token is refused; no secret goes into an actor's
+runtime_env (the cluster's nodes hold their own keys; a missing one is one line).
+
 Only evaluation is distributed: CMA-ES, the evaluation log and the events stay in the job
 process (the Ray driver), so resume and the console work the same as without Ray. Each
 actor is given one candidate at a time (the next goes to whichever is free first) and the
@@ -17,11 +22,18 @@ detached), and running the job again resumes from evaluations.jsonl.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, EvolveJob
+from pipelines.processes import child_env, python
 
 EXTRA_HINT = ("ray: true needs the optional extra: pip install 'kyara[ray]' (or set "
               "ray: false to evaluate one candidate after another)")
@@ -42,12 +54,16 @@ class _Actor:
     to build is kept and raised by `ready` and `evaluate`, so the driver gets the exception
     itself (Ray would only say the actor died in its creation task)."""
 
-    def __init__(self, cfg_json: dict[str, Any], configs: str, space: Any) -> None:
+    def __init__(self, cfg_json: dict[str, Any], configs: str, space: Any,
+                 keys: list[str] | None = None) -> None:
         from pipelines.merge.evolve import Evaluator
         from pipelines.workspace import Workspace
 
         self.evaluator: Any = None
         self.error: Exception | None = None
+        self.missing = [k for k in keys or () if not os.environ.get(k)]
+        if self.missing:  # said by the driver in one line; nothing to build without it
+            return
         try:
             cfg = EvolveJob.model_validate(cfg_json)
             self.evaluator = Evaluator(cfg, Workspace.load(configs), space)
@@ -55,6 +71,8 @@ class _Actor:
             self.error = exc
 
     def ready(self) -> dict[str, Any]:
+        if self.missing:
+            return {"pid": os.getpid(), "missing_keys": self.missing}
         if self.error is not None:
             raise self.error
         return {"pid": os.getpid(), "questions": len(self.evaluator.questions),
@@ -70,56 +88,129 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def connect(ray: Any, address: str | None) -> None:
-    """ray.init for the job: the named cluster, else RAY_ADDRESS, else a new local Ray. A
-    cluster that cannot be reached is one line naming the address."""
+TOKEN_HELP = ("kyara joins a Ray cluster only with Ray's token auth: start it with "
+              "RAY_AUTH_MODE=token (ray start --head) and give the job its token "
+              "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+PROBE_S = 10.0  # a tokenless client that has not connected by then is taken as refused
+_PROBE = """
+import sys
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("connected", flush=True)
+ray.shutdown()
+"""
+# settings a remote cluster's actors may be given; anything that looks like a secret stays
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "AUTH", "CREDENTIAL")
+
+
+def prepare_auth(remote: bool) -> None:
+    """Before Ray is imported (it reads RAY_AUTH_MODE once, then): token auth, always. A
+    job-local cluster gets a fresh token in this process's environment (inherited by the
+    raylet and the actors it starts, readable by this user only; no token file written);
+    for a remote cluster the user's own token is used."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not remote:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def has_token() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (bool(path) and Path(path).is_file()) \
+        or (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def accepts_anyone(where: str, timeout: float = PROBE_S) -> bool:
+    """Whether the cluster at `where` lets in a client without a token (then anyone who can
+    reach it runs code as its user): a driver without one, in a process of its own, tries."""
+    with tempfile.TemporaryDirectory(prefix="kyara-rayprobe-") as home:
+        env = {k: v for k, v in child_env().items()
+               if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+        env.update(RAY_AUTH_MODE="disabled", HOME=home)
+        try:
+            done = subprocess.run(python("-c", _PROBE, where), env=env, capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return False
+    return "connected" in done.stdout
+
+
+def connect(ray: Any, address: str | None) -> str | None:
+    """ray.init for the job, token auth always (`prepare_auth` ran before Ray was
+    imported). No address: a new local Ray, `address="local"` (never the cluster that
+    /tmp/ray/ray_current_cluster names, the last `ray start` of any user on the host), in a
+    private temporary folder (0700; returned, to be removed after shutdown). The named
+    cluster (`ray_address:`, else RAY_ADDRESS): refused in one line when this job has no
+    token or the cluster lets in clients without one; unreachable is one line too."""
     where = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if where:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        if not where:
+    key = "ray_address" if address else "RAY_ADDRESS"
+    if not where:
+        temp = tempfile.mkdtemp(prefix="kyara-ray-")  # short: Ray's socket paths
+        try:
+            ray.init(address="local", _temp_dir=temp, include_dashboard=False,
+                     log_to_driver=False)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
             raise
+        return temp
+    if not has_token():
+        raise ConfigError(f"{key}: no Ray token for the cluster at {where}: {TOKEN_HELP}")
+    if accepts_anyone(where):
+        raise ConfigError(f"{key}: the Ray cluster at {where} lets in clients without a "
+                          f"token (anyone who can reach it runs code as its user): "
+                          f"{TOKEN_HELP}")
+    try:
+        ray.init(address=where, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
         causes = [exc]
         while causes[-1].__cause__ is not None and len(causes) < 8:
             causes.append(causes[-1].__cause__)
-        key = "ray_address" if address else "RAY_ADDRESS"
         # Ray puts the GCS's AuthenticationError in the text of the error it raises
         if any(isinstance(c, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(c)
                for c in causes):
-            # Ray 2.60 sends its token to an explicit address only with RAY_AUTH_MODE=token
-            raise ConfigError(f"{key}: the Ray cluster at {where} refused the connection "
-                              "without its token: set RAY_AUTH_MODE=token for the job (the "
-                              "token in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+            raise ConfigError(f"{key}: the Ray cluster at {where} refused this job's token "
+                              "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: "
+                              "the head's is `ray get-auth-token` there)") from None
         raise ConfigError(f"{key}: no Ray cluster reachable at {where} "
                           f"({_first_line(exc)})") from None
+    return None
 
 
-def actor_env(cfg: EvolveJob, configs: str) -> dict[str, str]:
-    """What the actors need from the job's environment, which actors on a cluster started
-    elsewhere (`ray start`) do not inherit: the judge's API key, kyara's and Hugging Face's
-    settings. Handed over as the actors' runtime_env (kept in the cluster's GCS)."""
-    names = {name for name in os.environ if name.startswith(("KYARA_", "HF_"))}
-    if cfg.fitness.judge > 0:
-        from pipelines.workspace import Workspace
+def actor_env(remote: bool) -> dict[str, str]:
+    """The settings a remote cluster's actors are given in their runtime_env (kept in the
+    cluster's GCS): kyara's and Hugging Face's, never a secret (no name with TOKEN, KEY,
+    SECRET, PASSWORD, AUTH or CREDENTIAL: HF_TOKEN and the judge's key stay here). The
+    cluster's nodes hold their own keys; `_Actor.ready` says which one is missing. Actors of
+    a job-local cluster inherit this process's environment: nothing to hand over."""
+    if not remote:
+        return {}
+    return {name: value for name, value in sorted(os.environ.items())
+            if name.startswith(("KYARA_", "HF_"))
+            and not any(word in name.upper() for word in _SECRET_WORDS)}
 
-        key = Workspace.load(configs).judge(cfg.judge).api_key_env
-        if key:
-            names.add(key)
-    return {name: os.environ[name] for name in sorted(names) if name in os.environ}
+
+def needed_keys(cfg: EvolveJob, configs: str) -> list[str]:
+    """The environment variables the actors' judge reads its key from (none without one)."""
+    if cfg.fitness.judge <= 0:
+        return []
+    from pipelines.workspace import Workspace
+
+    key = Workspace.load(configs).judge(cfg.judge).api_key_env
+    return [key] if key else []
 
 
 class RayPool:
     """The actors and their dispatch: `evaluate` is the search's Evaluate over them."""
 
     def __init__(self, cfg: EvolveJob, configs: str, space: Any) -> None:
+        self.remote_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        if "ray" not in sys.modules:  # Ray reads its auth mode once, when imported
+            prepare_auth(self.remote_cluster)
         ray = require_ray()
         self.ray = ray
         self.started = not ray.is_initialized()  # ours to shut down; else the caller's
+        self.temp: str | None = None
         if self.started:
-            connect(ray, cfg.ray_address)
+            self.temp = connect(ray, cfg.ray_address)
         self.actors: list[Any] = []
         self.replaced: list[tuple[int, str]] = []  # (evaluation index, why its actor died)
         self.counts: list[int] = []                # evaluations finished per actor slot
@@ -145,11 +236,11 @@ class RayPool:
                               f"Ray cluster at {self.address} has {have}")
         # One GPU per actor; on the CPU one core each (Ray then runs torch on one thread).
         options: dict[str, Any] = {"num_gpus": 1} if cuda else {"num_cpus": 1}
-        env = actor_env(cfg, configs)
+        env = actor_env(self.remote_cluster)
         if env:
             options["runtime_env"] = {"env_vars": env}
         self.remote = ray.remote(**options)(_Actor)
-        self.args = (cfg.model_dump(mode="json"), configs, space)
+        self.args = (cfg.model_dump(mode="json"), configs, space, needed_keys(cfg, configs))
         self.actors = [self.remote.remote(*self.args) for _ in range(count)]
         self.counts = [0] * count
         try:
@@ -157,6 +248,11 @@ class RayPool:
         except ray.exceptions.RayActorError as err:  # its process died while it loaded
             raise RuntimeError(f"Ray: an actor died while loading its model: "
                                f"{_first_line(err)}") from err
+        missing = sorted({k for info in self.info for k in info.get("missing_keys", ())})
+        if missing:
+            raise ConfigError(f"ray_address: the judge's key {', '.join(missing)} is not set "
+                              f"on the Ray cluster's nodes at {self.address}; kyara never "
+                              "sends secrets to a cluster: set it where `ray start` runs")
 
     @property
     def size(self) -> int:
@@ -232,3 +328,6 @@ class RayPool:
         self.actors = []
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp = None

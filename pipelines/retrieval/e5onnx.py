@@ -38,6 +38,7 @@ import numpy as np
 
 from pipelines.files import rename
 from pipelines.home import Home
+from pipelines.processes import child_env, python
 
 NAME = "e5-onnx"
 FORMAT = 1  # bump when the files build() writes change
@@ -279,13 +280,13 @@ def ensure_built(home: Path | None = None, source: Path | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        command = [sys.executable, "-m", "pipelines.retrieval.e5onnx", str(partial)]
+        command = python("-m", "pipelines.retrieval.e5onnx", str(partial))
         if source is not None:
             command.append(str(source))
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False,
                                   cwd=Path(__file__).resolve().parents[2],
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                  env={**child_env(), "PYTHONWARNINGS": "ignore"})
             if done.returncode != 0:
                 lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
                 raise EmbedderError(f"cannot build the {NAME} embedder into {target}: "

@@ -32,6 +32,8 @@ def local_ray():
     temp = tempfile.mkdtemp(prefix="kyara-ray-")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")  # a loopback cluster; no token in ~/.ray
+        # the judge's key where the nodes start (kyara never sends it to the actors)
+        env.setenv(KEY_ENV, "sk-test")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
         try:
             yield ray

@@ -20,7 +20,14 @@ import pytest
 import yaml
 
 from pipelines.events import iter_events
-from tests.merge.evolve_job import job_dict, kill_after_evaluations, records, run_job, start_job
+from tests.merge.evolve_job import (
+    KEY_ENV,
+    job_dict,
+    kill_after_evaluations,
+    records,
+    run_job,
+    start_job,
+)
 
 pytest.importorskip("ray", reason="the ray extra (kyara[ray]) is not installed")
 
@@ -35,10 +42,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head():
-    """A one-node cluster with 2 CPUs on the loopback; (address, the env a driver needs)."""
+    """A one-node cluster with 2 CPUs on the loopback, token auth on; (address, the env a
+    driver needs)."""
+    # the nodes hold the judge's key themselves: kyara never sends it to a cluster
+    yield from start_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                           KEY_ENV: "sk-test"})
+
+
+def start_head(env: dict[str, str]):
     temp = tempfile.mkdtemp(prefix="kyara-rayhead-")  # short: Ray's socket paths
     port = free_port()
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     log = Path(temp) / "ray-start.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -99,16 +112,39 @@ def test_the_job_connects_through_ray_address(head, models, configs, tmp_path):
     assert [r["index"] for r in records(tmp_path / "search")] == [0, 1]
 
 
-@pytest.mark.slow  # Ray tries for about 20 s before it gives up
-def test_a_cluster_that_wants_its_token_is_named_in_one_line(head, models, configs, tmp_path):
+def test_a_job_without_the_token_is_named_in_one_line(head, models, configs, tmp_path):
     address, _ = head
-    # as with RAY_AUTH_MODE unset: Ray 2.60 sends no token to an explicit address
+    # no RAY_AUTH_TOKEN and no ~/.ray/auth_token for the job (its own HOME); the job's
+    # RAY_AUTH_MODE=disabled does not turn kyara's token auth off
     events = run_through_runner(job_dict(models, tmp_path / "s", ray=True,
                                          ray_address=address), tmp_path, configs,
-                                RAY_AUTH_MODE="disabled")
+                                RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
     assert events[-1].type == "error" and events[-1].kind == "config", events[-1]
-    assert "ray_address: the Ray cluster at" in events[-1].message
+    assert events[-1].message.startswith(f"ray_address: no Ray token for the cluster at "
+                                         f"{address}: ")
     assert "RAY_AUTH_MODE=token" in events[-1].message
+
+
+@pytest.fixture(scope="module")
+def open_head():
+    """A cluster started without token auth: anyone who can reach it runs code on it."""
+    yield from start_head({"RAY_AUTH_MODE": "disabled"})
+
+
+@pytest.mark.slow
+def test_a_cluster_that_lets_anyone_in_is_refused(open_head, head, models, configs,
+                                                  tmp_path):
+    from pipelines.merge.evolve_ray import accepts_anyone
+
+    open_address, _ = open_head
+    address, _ = head
+    assert accepts_anyone(open_address) and not accepts_anyone(address)
+    events = run_through_runner(job_dict(models, tmp_path / "s", ray=True,
+                                         ray_address=open_address), tmp_path, configs,
+                                RAY_AUTH_TOKEN=secrets.token_hex(16))
+    assert events[-1].type == "error" and events[-1].kind == "config", events[-1]
+    assert "lets in clients without a token" in events[-1].message
+    assert not (tmp_path / "s" / "evaluations.jsonl").exists()
 
 
 @pytest.mark.slow
