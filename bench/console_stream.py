@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from console.app import KyaraApp
+from console.chat_screen import ChatScreen
 from console.jobs_screen import JobsScreen
 from pipelines.chat import ChatSession
 from pipelines.inference.base import Delta
@@ -64,17 +65,20 @@ class TimedBackend:
         pass
 
 
+class MeasuredChat(ChatScreen):
+    def on_reply_chunk(self, event):
+        # Textual runs ChatScreen.on_reply_chunk too (handlers are called along the MRO),
+        # after this one: so the text is measured as it will be once appended.
+        self.app.shown.append((time.perf_counter(),
+                               len(event.exchange.reply.text) + len(event.text)))
+
+
 class MeasuredApp(KyaraApp):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.chat = MeasuredChat()
         self.shown: list[tuple[float, int]] = []  # (time, characters on screen)
         self.key_handled: list[float] = []
-
-    def on_reply_chunk(self, event):
-        # Textual runs KyaraApp.on_reply_chunk too (handlers are called along the MRO),
-        # after this one: so the text is measured as it will be once appended.
-        self.shown.append((time.perf_counter(),
-                           len(event.exchange.reply.text) + len(event.text)))
 
     def action_toggle_side(self):
         self.key_handled.append(time.perf_counter())

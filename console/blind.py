@@ -73,11 +73,10 @@ class BlindScreen(CompareScreen):
         Binding("t", "vote('tie')", "Tie", id="vote_tie"),
     ]
 
-    def __init__(self, session: Any, combos: list[Combo], *, backends: dict[str, Any],
-                 loader: Any, judge: Any = None, keys: dict[str, str] | None = None,
-                 seed: int | None = None) -> None:
+    def __init__(self, session: Any, combos: list[Combo], *, judge: Any = None,
+                 keys: dict[str, str] | None = None, seed: int | None = None) -> None:
         # the judge scores only after the vote: its badges would be a hint
-        super().__init__(session, combos, backends=backends, loader=loader, judge=None)
+        super().__init__(session, combos, judge=None)
         self.pair = list(combos)
         self.verdict_judge = judge
         self.keys = {"vote_a": "a", "vote_b": "b", "vote_tie": "t", **(keys or {})}

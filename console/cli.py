@@ -223,9 +223,8 @@ def ask(
     except user_errors() as exc:
         fail(str(exc))
     finally:
-        backend = getattr(session, "backend", None)
-        if hasattr(backend, "stream"):
-            backend.close()  # the model's worker process ends with the command
+        if session is not None:
+            session.pool.close()  # the model's worker process ends with the command
     if done is None:
         fail("no reply")
     if done["status"] == "error":

@@ -80,13 +80,11 @@ class CompareScreen(Screen[None]):
     #compare-prompt { height: 3; }
     """
 
-    def __init__(self, session: Any, combos: list[Any], *, backends: dict[str, Any],
-                 loader: Any, judge: Any = None) -> None:
+    def __init__(self, session: Any, combos: list[Any], *, judge: Any = None) -> None:
         super().__init__()
-        self.session = session  # a ChatSession of kind "compare"
+        # a ChatSession of kind "compare"; its pool (the console's) holds the backends
+        self.session = session
         self.combos = combos
-        self.backends = backends
-        self.loader = loader
         self.judge = judge
         self.rounds: list[list[Column]] = []
         self.busy = False
@@ -155,7 +153,7 @@ class CompareScreen(Screen[None]):
         last = time.monotonic()
         finals: dict[int, Any] = {}
         done: dict[int, dict] = {}
-        stream = compare(self.session, text, self.combos, self.backends, self.loader)
+        stream = compare(self.session, text, self.combos)
         try:
             for index, event in stream:
                 if worker.is_cancelled:

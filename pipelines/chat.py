@@ -21,6 +21,7 @@ from typing import Any
 from pipelines import turn
 from pipelines.config import Persona, Variant
 from pipelines.inference.base import BackendError, ChatBackend, Delta, GenerationOptions
+from pipelines.pool import BackendPool
 from store import Store, new_id
 from store.sql import quote
 from store.store import utcnow
@@ -45,9 +46,10 @@ class ChatSession:
     store: Store
     persona: Persona
     variant: Variant
-    # A loaded backend, or a function that loads one: loading then happens inside send(),
-    # after the user's message is stored, so a missing model costs no typed text.
-    backend: ChatBackend | Callable[[], ChatBackend]
+    # The variant's loaded backend, or None: then the pool loads it inside send(), after
+    # the user's message is stored, so a missing model costs no typed text. A backend given
+    # here joins the pool (under this variant's name).
+    backend: ChatBackend | None = None
     retriever: Any = None  # pipelines.retrieval.Retriever; None = retrieval unavailable
     rag: bool = False
     session_id: str = field(default_factory=new_id)
@@ -65,8 +67,13 @@ class ChatSession:
     _hidden: set[str] | None = None
     _alternative_of: dict[str, Any] | None = None  # the reply being regenerated, if any
     _feedback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # where backends come from, shared with the console's other screens; by default a pool
+    # with no loader: only the backend given
+    pool: BackendPool = field(default_factory=BackendPool, repr=False)
 
     def __post_init__(self) -> None:
+        if self.backend is not None:
+            self.pool.adopt(self.variant.name, self.backend)
         if not self._started:
             self._rows = []  # a new session: nothing to read back
             self._hidden = set()  # and no alternatives
@@ -193,9 +200,22 @@ class ChatSession:
 
     # --- one turn ----------------------------------------------------------------------
 
+    def use(self, variant: Variant) -> None:
+        """Answer with `variant` from the next turn: its backend comes from the pool (loaded
+        there on first use; the others stay loaded)."""
+        self.variant = variant
+        self.backend = self.pool.loaded(variant.name)
+
+    def share(self, pool: BackendPool) -> None:
+        """Take backends from `pool` from now on; the backend loaded here joins it."""
+        if self.backend is not None:
+            pool.adopt(self.variant.name, self.backend)
+        self.pool = pool
+
     def loaded_backend(self) -> ChatBackend:
-        if not hasattr(self.backend, "stream"):
-            self.backend = self.backend()  # may raise BackendError: the caller records it
+        if self.backend is None:
+            # may raise BackendError: the caller records it
+            self.backend = self.pool.get(self.variant)
         return self.backend
 
     def _write(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -342,9 +362,12 @@ class ChatSession:
 
 def open_session(workspace: Any, *, persona: str | None = None, variant: str | None = None,
                  rag: bool | None = None, resume: str | None = None,
-                 store: Store | None = None, backend: ChatBackend | None = None) -> ChatSession:
+                 store: Store | None = None, backend: ChatBackend | None = None,
+                 pool: BackendPool | None = None) -> ChatSession:
     """Everything a chat needs, from the user's configuration: persona, variant, backend,
-    store, and a retriever when the persona has been indexed."""
+    store, and a retriever when the persona has been indexed. Backends come from `pool`,
+    else from a pool of this session's that loads each in a worker process (the caller
+    closes it: `session.pool.close()`)."""
     from pipelines.inference.worker import spawn_backend
     from pipelines.retrieval.opening import find_retriever  # numpy and the store's index
 
@@ -358,8 +381,8 @@ def open_session(workspace: Any, *, persona: str | None = None, variant: str | N
         raise BackendError(f"retrieval is on but persona '{p.id}' is not indexed "
                            f"(run: kyara index {p.id})")
     home = settings.home_path()
-    kwargs = dict(persona=p, variant=v, retriever=retriever, rag=rag,
-                  backend=backend or (lambda: spawn_backend(v, home)))
+    kwargs = dict(persona=p, variant=v, retriever=retriever, rag=rag, backend=backend,
+                  pool=pool or BackendPool(lambda variant: spawn_backend(variant, home)))
     if resume:
         return ChatSession.resume(store, resume, **kwargs)
     return ChatSession(store=store, **kwargs)
@@ -418,21 +441,16 @@ def unloadable(variant: Variant, home: Path | None = None) -> str | None:
 
 
 def compare(session: ChatSession, text: str, combos: list[Combo],
-            backends: dict[str, Any], loader: Callable[[Variant], ChatBackend],
             options: GenerationOptions | None = None) -> Iterator[tuple[int, Any]]:
     """Ask one question of each combination, one after another (they share the device),
-    in a `compare` session: yields (combination index, event). `backends` caches loaded
-    backends by variant name across calls."""
+    in a `compare` session: yields (combination index, event). Backends come from the
+    session's pool, which keeps them loaded across calls (and for the chat)."""
     for index, combo in enumerate(combos):
-        session.variant = combo.variant
+        session.use(combo.variant)
         session.rag = combo.rag
-        name = combo.variant.name
-        session.backend = backends.get(name) or (lambda v=combo.variant: loader(v))
         stream = session.send(text, options, new_question=index == 0)
         try:
             for event in stream:
                 yield index, event
         finally:
             stream.close()
-            if hasattr(session.backend, "stream"):
-                backends[name] = session.backend

@@ -10,6 +10,7 @@ import pytest
 
 from pipelines.chat import ChatSession, Retrieved, TurnDone
 from pipelines.inference.base import BackendError, Delta, GenerationOptions
+from pipelines.pool import BackendPool
 from pipelines.prompting import render_prompt
 from pipelines.workspace import Workspace
 from store import Store
@@ -190,11 +191,11 @@ def test_rag_without_index_is_an_error_turn_not_a_crash(ws, store):
 def test_backend_loaded_lazily_after_the_question_is_stored(ws, store):
     calls = []
 
-    def loader():
+    def loader(variant):
         calls.append(store.rows("messages"))
         raise BackendError("variant 'x': model file not found: /nowhere.gguf")
 
-    session = make_session(ws, store, loader)
+    session = make_session(ws, store, None, pool=BackendPool(loader))
     events = list(session.send("こんにちは"))
     assert [r["content"] for r in calls[0]] == ["こんにちは"]  # stored before loading
     assert events[-1].message["status"] == "error"
@@ -236,9 +237,9 @@ def test_compare_asks_once_and_answers_per_combination(ws, store, tmp_path):
         return b
 
     session = ChatSession(store=store, persona=ws.persona("ayane"), variant=combos[0].variant,
-                          backend=None, retriever=FixedRetriever([hit]), kind="compare")
-    backends: dict = {}
-    events = list(compare(session, "犬の名前は？", combos, backends, loader))
+                          pool=BackendPool(loader), retriever=FixedRetriever([hit]),
+                          kind="compare")
+    events = list(compare(session, "犬の名前は？", combos))
     assert loaded == ["gemma-2-2b-jpn-it", "gemma-2-2b-jpn-it-ayane"]  # each loaded once
     rows = session.messages()
     assert [r["role"] for r in rows] == ["user"] + ["assistant"] * 4

@@ -170,21 +170,20 @@ def test_a_chat_session_answers_and_logs_what_was_sent(workspace):
 
 def test_compare_answers_every_column(workspace):
     from pipelines.chat import Combo, TurnDone, compare, open_session
+    from pipelines.pool import BackendPool
 
-    session = open_session(workspace, persona="ayane", variant="served-a", rag=False)
+    session = open_session(workspace, persona="ayane", variant="served-a", rag=False,
+                           pool=BackendPool(OpenAIBackend))
     combos = [Combo(variant=workspace.variant(name), rag=False)
               for name in ("served-a", "served-b")]
-    backends: dict = {}
     done = {index: event.message for index, event in
-            compare(session, "趣味は何ですか？", combos, backends,
-                    OpenAIBackend, GenerationOptions(max_new_tokens=12,
-                                                                  temperature=0.0))
+            compare(session, "趣味は何ですか？", combos,
+                    GenerationOptions(max_new_tokens=12, temperature=0.0))
             if isinstance(event, TurnDone)}
     assert sorted(done) == [0, 1]
     assert all(row["status"] == "complete" for row in done.values()), {
         i: row["error"] for i, row in done.items()}
-    for backend in backends.values():
-        backend.close()
+    session.pool.close()
 
 
 def test_the_judge_reads_the_servers_real_logprobs(workspace):

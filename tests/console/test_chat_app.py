@@ -13,6 +13,7 @@ from console.app import KyaraApp, ReplyChunk, ReplyDone
 from console.widgets import Exchange
 from pipelines.chat import ChatSession
 from pipelines.inference.base import BackendError, Delta
+from pipelines.pool import BackendPool
 from pipelines.prompting import render_prompt
 from pipelines.workspace import Workspace
 from store import Store
@@ -274,7 +275,7 @@ async def test_compare_side_by_side_and_reopen(ws, store, tmp_path):
     judge = ScriptedJudge()
     app = KyaraApp(session, variants=variants, backend_loader=loader, judge=judge,
                    export_dir=tmp_path)
-    app.backends = {}  # nothing loaded yet: both variants come from the loader
+    app.pool = BackendPool(loader)  # nothing loaded yet: both variants come from the loader
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+k")
         await pilot.pause()
@@ -303,7 +304,7 @@ async def test_compare_side_by_side_and_reopen(ws, store, tmp_path):
                          variant=session.variant, backend=None, kind="compare")
     app2 = KyaraApp(session, variants=variants, backend_loader=loader, export_dir=tmp_path)
     async with app2.run_test(size=(80, 24)) as pilot:
-        screen = CompareScreen(reopened, [], backends={}, loader=loader)
+        screen = CompareScreen(reopened, [])
         await app2.push_screen(screen)
         await pilot.pause()
         assert [c.reply.text for c in screen.rounds[0]] == ["pn-itですわ。", "ayaneですわ。"]

@@ -182,6 +182,7 @@ async def test_a_compare_pane_whose_variant_cannot_load_names_the_reason(tmp_pat
     from console.compare import CompareScreen
     from pipelines.chat import ChatSession, Combo
     from pipelines.inference.base import BackendError
+    from pipelines.pool import BackendPool
     from pipelines.workspace import Workspace
     from tests.conftest import CONFIGS
     from tests.console.test_chat_app import ScriptedBackend
@@ -197,13 +198,12 @@ async def test_a_compare_pane_whose_variant_cannot_load_names_the_reason(tmp_pat
         return ScriptedBackend([["はい", "ですわ。"]])
 
     session = ChatSession(store=store, persona=ws.persona("ayane"), variant=good,
-                          backend=None, kind="compare")
+                          pool=BackendPool(loader), kind="compare")
     app = KyaraApp(ChatSession(store=store, persona=ws.persona("ayane"), variant=good,
                                backend=ScriptedBackend()),
                    variants={}, backend_loader=loader, export_dir=tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
-        screen = CompareScreen(session, [Combo(good, False), Combo(bad, False)], backends={},
-                               loader=loader)
+        screen = CompareScreen(session, [Combo(good, False), Combo(bad, False)])
         await app.push_screen(screen)
         screen.query_one("#compare-prompt").value = "好きな食べ物は？"
         await pilot.press("enter")
@@ -218,7 +218,7 @@ async def test_a_compare_pane_whose_variant_cannot_load_names_the_reason(tmp_pat
         # reopened from the history: the reason is still there
         reopened = ChatSession.resume(store, session.session_id, persona=session.persona,
                                       variant=good, backend=None, kind="compare")
-        again = CompareScreen(reopened, [], backends={}, loader=loader)
+        again = CompareScreen(reopened, [])
         await app.push_screen(again)
         await pilot.pause()
         assert str(again.rounds[0][1].reason.render()) == reason

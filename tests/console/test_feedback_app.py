@@ -12,6 +12,7 @@ from console.app import KyaraApp
 from console.widgets import RatePanel, ReplyEditor
 from pipelines import feedback
 from pipelines.chat import ChatSession
+from pipelines.pool import BackendPool
 from pipelines.workspace import Workspace
 from store import Store
 from tests.conftest import CONFIGS
@@ -195,7 +196,7 @@ def blind_app(ws, store, tmp_path, judge=None):
 
     app = KyaraApp(session, variants=variants, backend_loader=loader, judge=judge,
                    export_dir=tmp_path, compare_spec=["gemma3-270m", "gemma-2-2b-jpn-it"])
-    app.backends = {}
+    app.pool = BackendPool(loader)
     return app
 
 

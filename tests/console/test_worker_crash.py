@@ -24,8 +24,7 @@ def app(tmp_path, monkeypatch):
     ws = Workspace.load(CONFIGS)
     home = tmp_path / "home"
     store = Store.open(tmp_path / "store")
-    session = ChatSession(store=store, persona=ws.persona("ayane"), variant=variant,
-                          backend=lambda: spawn_backend(variant, home))
+    session = ChatSession(store=store, persona=ws.persona("ayane"), variant=variant)
     app = KyaraApp(session, variants={"standin": variant},
                    backend_loader=lambda v: spawn_backend(v, home), judge=None,
                    judge_note="no judge", export_dir=tmp_path)
