@@ -32,7 +32,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -254,15 +254,73 @@ def run(cfg_path: str | Path, run_dir: str | Path | None = None, run_id: str | N
             return _finish(writer, None, row, directory, run_id, final, EXIT_USER, started,
                            say)
 
-        # 2. Run the job.
+        # 2. One run of a job at a time on its output: a second is refused, naming the first.
+        lock = ExitStack()
+        try:
+            lock.enter_context(hold_output(cfg, settings.home_path(), run_id))
+        except OutputBusy as busy:
+            final = writer.write(ev.error(ev.CONFIG, str(busy)))
+            return _finish(writer, store, row, directory, run_id, final, EXIT_USER, started,
+                           say)
+
+        # 3. Run the job.
         ctx = JobContext(run_id=run_id, run_dir=directory, workspace=workspace,
                          home=settings.home_path(), store_path=settings.store_path(),
                          _store=store)
         holder.append(ctx)
         if cancellation.signal is not None:
             ctx.cancel()
-        final, code = _drive(cfg, ctx, writer, cancellation, directory)
+        with lock:
+            final, code = _drive(cfg, ctx, writer, cancellation, directory)
         return _finish(writer, store, row, directory, run_id, final, code, started, say)
+
+
+class OutputBusy(Exception):
+    """Another run of this job holds its output (one line: which run)."""
+
+
+def output_of(cfg: Any, home: Path) -> Path | None:
+    """The folder the job writes what it makes (its kind's `output_dir` / `search_dir`),
+    or None for a kind without one."""
+    module = get_job(cfg.job)
+    find = getattr(module, "output_dir", None) or getattr(module, "search_dir", None)
+    return find(cfg, home) if callable(find) else None
+
+
+@contextmanager
+def hold_output(cfg: Any, home: Path, run_id: str) -> Iterator[Path]:
+    """An exclusive lock (flock) on the job's output, held for the whole run: two runs of
+    one job never write the same files (eval's replies.jsonl, evolve's evaluations.jsonl).
+    The lock file sits beside the output (`.<name>.kyara-lock`; a kind without an output:
+    <home>/runs/.locks/<kind>-<name>.lock) and names its holder; the kernel releases it
+    when the run's process ends, however it ends."""
+    import fcntl
+
+    out = output_of(cfg, home)
+    path = (out.parent / f".{out.name}.kyara-lock" if out is not None
+            else Home(home).runs / ".locks" / f"{cfg.job}-{cfg.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            try:
+                who = json.loads(holder)
+                said = f"run {who['run_id']} (pid {who['pid']}, started {who['started']})"
+            except (ValueError, KeyError, TypeError):
+                said = "another run"
+            what = out if out is not None else f"the {cfg.job} job {cfg.name!r}"
+            raise OutputBusy(f"{what} is in use by {said}: wait for it to end, or cancel "
+                             "it (kyara jobs cancel)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"run_id": run_id, "pid": os.getpid(),
+                                  "started": datetime.now(timezone.utc).isoformat(
+                                      timespec="seconds")}).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 def _drive(cfg: Any, ctx: JobContext, writer: EventWriter, cancellation: _Cancellation,
