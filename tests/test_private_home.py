@@ -36,14 +36,15 @@ def test_entry_points_leave_nothing_open_under_umask_022(tmp_path):
     # kyara ask: the home, the store, the worker's log
     ask = subprocess.run([sys.executable, "-m", "console", "ask", "こんにちは", "--variant",
                           "standin", "--configs", str(configs)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300, preexec_fn=umask_022)
+                         capture_output=True, text=True, timeout=300, preexec_fn=umask_022,
+                         check=False)
     assert ask.returncode == 0, ask.stderr
     assert (home / "logs").is_dir() and (home / "store").is_dir()
     # the job runner started by hand (no console in front of it): a run folder and events
     job = tmp_path / "index.yaml"
     job.write_text("job: index\nname: idx\npersona: ayane\n", encoding="utf-8")
     subprocess.run([sys.executable, "-m", "pipelines", "run", str(job), "--configs",
-                    str(configs)], env=env, cwd=REPO, capture_output=True, timeout=600,
+                    str(configs)], env=env, cwd=REPO, capture_output=True, timeout=600, check=False,
                    preexec_fn=umask_022)
     assert any((home / "runs").iterdir())
     assert open_entries(home) == []

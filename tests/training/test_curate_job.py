@@ -73,7 +73,6 @@ def provider(monkeypatch):
 
 def calibrate(ws, criterion: str, rho: float | None) -> None:
     from pipelines.judge.runner import load_criteria
-
     from pipelines.judge.verdict import judge_identity
 
     version = load_criteria(ws, [criterion])[criterion].prompt_version
