@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from console.common import ConfigsOption, err, fail, out, user_errors
+from console.common import ConfigsOption, err, fail, out, safe, user_errors
 from console.jobs_cli import jobs_app
+from console.text import visible
 
 app = typer.Typer(
     name="kyara",
@@ -43,22 +43,27 @@ def config_check(
     bad = [r for r in results if r.error]
     for r in results:
         if r.error:
-            err.print(f"[red]error[/] {escape(r.error)}", soft_wrap=True)
+            err.print(f"[red]error[/] {safe(r.error)}", soft_wrap=True)
         else:
-            out.print(f"[green]ok[/]    {escape(str(r.path))}", soft_wrap=True)
+            out.print(f"[green]ok[/]    {safe(str(r.path))}", soft_wrap=True)
     out.print(f"{len(results) - len(bad)} ok, {len(bad)} with errors")
     if bad:
         raise typer.Exit(2)
 
 
 @app.command()
-def doctor(configs: Optional[Path] = ConfigsOption) -> None:
+def doctor(configs: Optional[Path] = ConfigsOption,
+           fix_permissions: bool = typer.Option(
+               False, "--fix-permissions",
+               help="take group and other permissions off the kyara home and all in it"),
+           ) -> None:
     """What this machine has: Python, torch/CUDA, llama.cpp, libraries, personas, models,
-    store, judge. Exit 1 when something the default set-up needs is missing."""
+    store, judge, whether the home is private. Exit 1 when something the default set-up
+    needs is missing."""
     from pipelines.doctor import run_checks
 
     try:
-        checks = run_checks(configs)
+        checks = run_checks(configs, fix_permissions=fix_permissions)
     except user_errors() as exc:
         fail(str(exc))
     from rich.table import Table
@@ -69,7 +74,7 @@ def doctor(configs: Optional[Path] = ConfigsOption) -> None:
     table.add_column("detail", overflow="fold")
     colours = {"ok": "green", "warn": "yellow", "fail": "red"}
     for c in checks:
-        table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", escape(c.detail))
+        table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", safe(c.detail))
     out.print(table)
     failed = [c for c in checks if c.status == "fail" and c.required]
     if failed:
@@ -136,9 +141,9 @@ def index(
                                       persona_name=data.persona.name,
                                       concurrency=config.concurrency)
             err.print(f"kyara: asks: {made.asked} facts asked, {made.cached} cached, "
-                      f"{len(made.failed)} failed (cache: {escape(str(cache))})")
+                      f"{len(made.failed)} failed (cache: {safe(str(cache))})")
             for line in made.failed:
-                err.print(f"kyara: asks: {escape(line)}")
+                err.print(f"kyara: asks: {safe(line)}")
         store = Store.open(ws.settings.store_path())
         notice = build_notice(embedder, home)
         if notice:
@@ -149,14 +154,14 @@ def index(
     except user_errors(JudgeError) as exc:
         fail(str(exc))
     if report.note:
-        err.print(f"kyara: {escape(report.note)}")
-    out.print(f"indexed {escape(report.persona)} with {escape(report.embedder)}: "
+        err.print(f"kyara: {safe(report.note)}")
+    out.print(f"indexed {safe(report.persona)} with {safe(report.embedder)}: "
               f"{report.added} added, {report.updated} updated, {report.removed} removed, "
               f"{report.unchanged} unchanged in {report.seconds:.1f} s")
     if explain:  # plain text, tab-separated like `kyara retrieve`: easy to cut/grep
         sys.stdout.flush()
-        sys.stdout.write("".join(f"{line}\n" for line in asks.explain(data.knowledge,
-                                                                       generated)))
+        sys.stdout.write("".join(f"{visible(line)}\n" for line in asks.explain(
+            data.knowledge, generated)))
 
 
 @app.command()
@@ -180,7 +185,8 @@ def retrieve(
         fail(str(exc))
     for hit in hits:  # tab-separated plain text: easy to read and to cut/grep
         ranks = f"text #{hit.text_rank or '-'}, vector #{hit.vector_rank or '-'}"
-        sys.stdout.write(f"{hit.fact_id}\t{hit.score:.4f}\t{ranks}\t{hit.text}\n")
+        sys.stdout.write(f"{visible(hit.fact_id)}\t{hit.score:.4f}\t{ranks}\t"
+                         f"{visible(hit.text)}\n")
 
 
 @app.command()
@@ -211,14 +217,14 @@ def ask(
         for event in session.send(question, options):
             if isinstance(event, Retrieved):
                 ids = ", ".join(h.fact_id for h in event.hits)
-                err.print(f"[dim]retrieved: {escape(ids)}[/]")
+                err.print(f"[dim]retrieved: {safe(ids)}[/]")
             elif isinstance(event, TurnDone):
                 done = event.message
             elif not event.done:
-                sys.stdout.write(event.text)
+                sys.stdout.write(visible(event.text))  # a model's or server's text
                 sys.stdout.flush()
             elif event.extra.get("notice"):
-                err.print(f"[yellow]{escape(event.extra['notice'])}[/]", soft_wrap=True)
+                err.print(f"[yellow]{safe(event.extra['notice'])}[/]", soft_wrap=True)
         sys.stdout.write("\n")
     except user_errors() as exc:
         fail(str(exc))
@@ -256,6 +262,9 @@ app.command("arena")(arena)
 
 
 def main() -> None:
+    from pipelines.processes import private
+
+    private()  # umask 077: nothing kyara writes is readable by the server's other users
     try:
         app()
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from console.text import visible as _visible
 from pipelines import events as ev
 from pipelines.config import ConfigError, load_job
 from pipelines.events import EVENTS_FILE, Event, Tailer, last_event, read_events
@@ -420,9 +421,7 @@ def describe(event: Event) -> str:
     return f"{clock} {visible(ev.one_line(text, 1000))}"
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))}
-
-
 def visible(text: str) -> str:
-    """Control characters as \\xNN: an escape sequence from a job shows, and does nothing."""
-    return text.translate(_CONTROLS)
+    """Control characters as \\xNN, newlines too (one line): an escape sequence from a job
+    shows, and does nothing (console.text)."""
+    return _visible(text, lines=False)

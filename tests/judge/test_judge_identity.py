@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 from pipelines.judge import Interaction
-from pipelines.judge.calibration import CalibrationReport, calibration_status, save_calibration
 from pipelines.judge.calibrate import Agreement
+from pipelines.judge.calibration import CalibrationReport, calibration_status, save_calibration
 
 ITEM = Interaction.from_pair("好きな紅茶は？", "ダージリンですわ。", id="m1")
 
