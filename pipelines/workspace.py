@@ -113,7 +113,7 @@ class Workspace:
         except OSError as exc:
             raise ConfigError(f"home: cannot create {settings.home_path()}: "
                               f"{exc.strerror or exc}") from None
-        if problem:
+        if problem and sys.stderr.isatty():  # for a person at a terminal; doctor tells all
             _say_once(f"kyara: {problem}")
         return cls(configs=root, settings=settings)
 

@@ -85,6 +85,10 @@ def final_delta(reason: str, stop_token: str | None, error: str | None, prompt_t
 @runtime_checkable
 class ChatBackend(Protocol):
     name: str
+    # Capabilities are class attributes, read with a False default (a minimal backend
+    # declares none; not protocol members, so isinstance needs none): `batched = True`: it
+    # has generate_batch(conversations, options, batch_size) -> final Deltas, several
+    # prompts per forward pass (the eval job's single-turn replies).
 
     def render(self, messages: Sequence[Message]) -> str:
         """The exact prompt text the model will see (logged with every reply)."""

@@ -182,6 +182,8 @@ class _Watch(StoppingCriteria):
 
 
 class HFBackend:
+    batched = True  # generate_batch: the eval job's single-turn replies, a batch a pass
+
     def __init__(self, variant: HFVariant, home: Path | None = None) -> None:
         self.variant = variant
         self.name = variant.name

@@ -99,8 +99,10 @@ def call_key(prompt: str) -> str:
 
 
 class BatchEchoBackend(EchoBackend):
-    """EchoBackend with `generate_batch`, as the hf backend has: one line per batch (its
-    size) in $KYARA_EVAL_BATCHES."""
+    """EchoBackend with `generate_batch`, as the hf backend has (and its `batched`
+    capability): one line per batch (its size) in $KYARA_EVAL_BATCHES."""
+
+    batched = True
 
     def generate_batch(self, conversations: Sequence[Sequence[dict[str, Any]]],
                        options: GenerationOptions, batch_size: int = 8) -> list[Delta]:

@@ -92,7 +92,8 @@ def _warnings(combo: Combo, record: dict[str, Any]) -> Generator[Event, None, No
 
 
 def _batched(backend: Any) -> bool:
-    return callable(getattr(backend, "generate_batch", None))
+    """The backend's `batched` capability (a class attribute; False when not declared)."""
+    return bool(getattr(type(backend), "batched", False))
 
 
 def _steps(cfg: EvalJob, backend: Any, combos: list[Combo], mine: list[Key]) -> list[list[Key]]:
