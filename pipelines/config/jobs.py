@@ -140,7 +140,9 @@ class ExportJob(Strict):
         "name or a .gguf file) that the GGUF LoRA is verified on and paired with, instead "
         "of converting the base")
     output: str | None = Field(None, description="default <home>/exports/<name>")
-    force: bool = Field(False, description="overwrite an existing output")
+    force: bool = Field(False, description="overwrite an existing output (one an export made)")
+    trust_remote_code: bool = Field(False, description="convert a model folder whose config "
+                                    "names its own code (auto_map): that code may run")
 
     @model_validator(mode="after")
     def _base_gguf_pairs_a_lora(self) -> ExportJob:

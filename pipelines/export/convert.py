@@ -69,12 +69,25 @@ def model_type(folder: Path) -> str:
                           "a Hugging Face model folder") from None
 
 
-def check_hf_dir(folder: Path) -> None:
-    """One-line errors for a folder the converter would choke on."""
+def check_hf_dir(folder: Path, trust_remote_code: bool = False) -> None:
+    """One-line errors for a folder the converter would choke on, or that would run code
+    of its own: llama.cpp's converter loads some architectures with trust_remote_code, so a
+    folder whose config or tokenizer config names code (`auto_map`) is refused unless the
+    job says `trust_remote_code: true`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: model folder not found")
     model_type(folder)
+    if not trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            try:
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                raise ConfigError(f"{folder / name}: names code of its own (auto_map), which "
+                                  "converting may run; set trust_remote_code: true in the "
+                                  "export job only for a folder you trust")
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
         raise ConfigError(f"{folder}: no weights (*.safetensors / *.bin): not a complete "
                           "Hugging Face model folder")

@@ -114,6 +114,9 @@ def extract_converters(sdist: Path, target: Path, version: str) -> Path:
             taken = 0
             for member in archive.getmembers():
                 parts = PurePosixPath(member.name).parts
+                if member.name.startswith("/") or ".." in parts:
+                    raise ConfigError(f"{sdist}: refused: member {member.name!r} would land "
+                                      "outside the tools folder")
                 if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp"):
                     continue
                 rel = "/".join(parts[3:])

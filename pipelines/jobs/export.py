@@ -124,7 +124,7 @@ def validate(cfg: ExportJob, ctx: JobContext) -> Generator[Event, None, Source]:
 
     quants = check_quant_types(cfg.quantize)
     variant, model_dir, adapter = _source(cfg, ctx)
-    check_hf_dir(model_dir)
+    check_hf_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     try:
         GGUFVariant(name=f"{cfg.name}-{cfg.outtype}", backend="gguf", path=".")
     except Exception:

@@ -451,3 +451,14 @@ def test_hf_like_backends_answer_single_questions_in_batches(env, server, tmp_pa
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rows_ = {row["combo"]: row for row in results["headline"]}
     assert rows_["ayane-s"]["criteria"]["personality"]["mean"] == pytest.approx(6.0)
+
+
+def test_rag_on_without_facts_is_a_config_error(env, server):
+    """An eval "RAG on" combination on a persona with no facts would run without retrieval
+    under retrieval's name: refused before anything is generated."""
+    (env["configs"] / "personas" / "ayane" / "knowledge.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        run_job(env, job_file(env, rag=[False, True]))
+    message = str(caught.value)
+    assert message.startswith("rag: retrieval on needs facts") and "\n" not in message
+    assert generations(env) == [] and server.count == 0

@@ -144,6 +144,9 @@ def validate(cfg: EvalJob, ctx: JobContext) -> Generator[Event, None, Setup]:
         raise ConfigError(f"pairwise_criteria: {', '.join(unknown)} not in criteria")
     simulator = ws.judge(cfg.simulator) if cfg.simulator else None
     retriever = None
+    if any(cfg.rag) and not data.knowledge:  # "RAG on" would be RAG off under another name
+        raise ConfigError(f"rag: retrieval on needs facts, and persona {persona.id}'s "
+                          "knowledge.jsonl holds none (add facts, or rag: [false])")
     if any(cfg.rag):  # retrieval needs the persona's facts indexed: done once, if not yet
         retriever, note = open_retriever(ctx.store, persona.id, ctx.home, workspace=ws,
                                          needed_by="rag: true")
