@@ -244,8 +244,12 @@ def _pid_of(run: RunHandle) -> int | None:
     return None
 
 
-def process_alive(pid: int, run_id: str | None = None) -> bool:
-    """Whether `pid` is still this run's job process.
+def process_alive(pid: int, run_id: str | None = None, config_path: str | None = None
+                  ) -> bool:
+    """Whether `pid` is still this run's job process: its command line names the run id
+    (the console starts every run with --run-id), or, for a run started by hand, is the
+    runner (`-m pipelines run`) on a config of the same file name. A pid the kernel gave
+    to another program since is not this run, so cancel never signals it.
 
     kill(pid, 0) alone is not enough: an exited child its parent has not reaped (a zombie)
     still answers, and after a long time a pid may belong to another program. On Linux
@@ -272,8 +276,13 @@ def process_alive(pid: int, run_id: str | None = None) -> bool:
         return True  # mid-exec: the new program's arguments are not mapped yet (seen here)
     if run_id and run_id.encode() in cmdline:
         return True
+    args = cmdline.split(b"\0")
+    runner = any(args[i:i + 2] == [b"pipelines", b"run"] for i in range(len(args)))
+    if not runner or (run_id and b"--run-id" in args):  # another program, or another run
+        return False
     # A run started by hand (`python -m pipelines run CFG`) has no --run-id on its line.
-    return b"pipelines" in cmdline
+    return config_path is None or any(Path(a.decode("utf-8", "replace")).name ==
+                                      Path(config_path).name for a in args)
 
 
 def read_exit(run_dir: Path | None) -> dict[str, Any] | None:
@@ -296,7 +305,7 @@ def status(run: RunHandle) -> str:
     if exit_info and exit_info.get("status") in FINAL_STATUSES:
         return str(exit_info["status"])
     pid = _pid_of(run)
-    if pid is not None and process_alive(pid, run.id):
+    if pid is not None and process_alive(pid, run.id, run.config_path):
         # Its done/error event is written before the store row and exit.json: from that
         # line on the run has ended, even while the process finishes its bookkeeping.
         last = last_event(run.events_path) if run.events_path is not None else None
@@ -385,7 +394,8 @@ def cancel(run: RunHandle, force: bool = False) -> bool:
     record (the run then reads as lost), so keep it for a job that ignores SIGTERM.
     """
     pid = _pid_of(run)
-    if pid is None or status(run) in FINAL_STATUSES or not process_alive(pid, run.id):
+    if pid is None or status(run) in FINAL_STATUSES or not process_alive(pid, run.id,
+                                                                         run.config_path):
         return False
     sig = signal.SIGKILL if force else signal.SIGTERM
     try:
