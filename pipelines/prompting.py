@@ -14,6 +14,7 @@ text it is later prompted with.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -119,6 +120,47 @@ def _compiled(template: str):
     return _ENV.from_string(template)
 
 
+RENDER_S = 5.0            # a chat template that renders longer than this is stopped
+RENDER_CHARS = 4_000_000  # ... or one that writes more than this
+RANGE_ITEMS = 1_000_000   # ... or one whose range() calls yield more items in all
+
+
+class _Budget:
+    """What one render may spend: a template is code from a file (a GGUF's metadata, a
+    hub folder), and one that never ends would hang the chat, a job or a worker. Checked
+    between output chunks and in every range() the template calls; over it, a TemplateError
+    (one line)."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RENDER_S
+        self.items = 0
+
+    def _check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateError(f"chat template stopped: still rendering after {RENDER_S:g} s")
+
+    def range(self, *args: int) -> range:
+        values = range(*args)
+        self.items += len(values)
+        if self.items > RANGE_ITEMS:
+            raise TemplateError(f"chat template stopped: its loops ask for over "
+                                f"{RANGE_ITEMS:,} items")
+        self._check()
+        return values
+
+    def join(self, chunks: Any) -> str:
+        out: list[str] = []
+        size = 0
+        for chunk in chunks:
+            out.append(chunk)
+            size += len(chunk)
+            if size > RENDER_CHARS:
+                raise TemplateError(f"chat template stopped: over {RENDER_CHARS:,} "
+                                    "characters of prompt")
+            self._check()
+        return "".join(out)
+
+
 def render_chat(
     template: str,
     messages: Sequence[Message],
@@ -127,13 +169,18 @@ def render_chat(
     eos_token: str = "",
     add_generation_prompt: bool = True,
 ) -> str:
+    budget = _Budget()
     try:
-        return _compiled(resolve_template(template)).render(
+        chunks = _compiled(resolve_template(template)).generate(
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
+            range=budget.range,
         )
+        return budget.join(chunks)
+    except TemplateError:
+        raise
     except SecurityError as exc:
         raise TemplateError(f"chat template refused: it tried to reach Python internals ({exc})") from None
     except JinjaTemplateError as exc:

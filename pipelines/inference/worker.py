@@ -58,6 +58,7 @@ from pipelines.home import Home
 from pipelines.inference.base import BackendError, Delta, GenerationOptions, Message
 from pipelines.inference.registry import ENV_BACKENDS
 
+RENDER_TIMEOUT_S = 30.0  # a render request the child has not answered by then: it is stopped
 CANCEL_GRACE_S = 10.0  # a cancelled stream must end this soon, or its process is killed
 _END = object()
 
@@ -298,13 +299,23 @@ class ModelProcess:
         self._owner = None
         self._lock.release()
 
-    def request(self, op: str, doing: str, label: str | None = None, **args: Any) -> Any:
+    def request(self, op: str, doing: str, label: str | None = None,
+                timeout: float | None = None, **args: Any) -> Any:
+        """One request and its reply. With `timeout`, a child that has not answered by then
+        is killed (its state is unknown) and the request is one BackendError line; the next
+        request starts a fresh child."""
         self._acquire()
         try:
             self._next_id += 1
             rid = self._next_id
             self._send({"id": rid, "op": op, **args})
-            reply = self._get(doing, label)
+            try:
+                reply = self._get(doing, label, timeout=timeout)
+            except queue.Empty:
+                self.kill()
+                raise BackendError(f"{self._who(label)}: the model process did not answer "
+                                   f"within {timeout:g} s while {doing}; it was stopped, and "
+                                   "the next message starts a fresh one") from None
             if "error" in reply:
                 raise remote_error(reply)
             return reply.get("result")
@@ -451,7 +462,8 @@ class WorkerBackend:
 
     def render(self, messages: Sequence[Message]) -> str:
         return self._ready().request("render", "rendering the prompt", label=self.label,
-                                     handle=self.handle, messages=list(messages))
+                                     timeout=RENDER_TIMEOUT_S, handle=self.handle,
+                                     messages=list(messages))
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Delta]:
         lines = self._ready().stream("stream", "generating a reply", label=self.label,

@@ -32,6 +32,7 @@ class CrashBackend:
                          "n_gpu_layers_source": "stand-in", "gpu_offload": False}
 
     def render(self, messages: Sequence[dict[str, Any]]) -> str:
+        time.sleep(float(os.environ.get("KYARA_STANDIN_RENDER_SLEEP", "0")))  # a hung render
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<model>"
 
     def stream(self, messages: Sequence[dict[str, Any]], options: GenerationOptions
