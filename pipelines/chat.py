@@ -9,11 +9,14 @@ written when it ends — `complete`, or `incomplete` when the consumer stopped r
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,14 +254,45 @@ class ChatSession:
         new_question=False answers the question already stored last again (a comparison:
         one question, one reply per variant/retrieval combination)."""
         options = options or GenerationOptions.from_config(self.variant.generation)
-        history = self.history()  # read before this turn is written
+        with self._turn():
+            history = self.history()  # read before this turn is written
 
-        def store_question() -> None:
-            self._ensure_session(text)
-            if new_question:
-                self._write({"role": "user", "content": text, "status": "complete"})
+            def store_question() -> None:
+                self._ensure_session(text)
+                if new_question:
+                    self._write({"role": "user", "content": text, "status": "complete"})
 
-        yield from self._answer(text, history, options, store_question)
+            yield from self._answer(text, history, options, store_question)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One turn at a time on a session, across processes: two consoles resuming one
+        session take turns (an exclusive flock beside the store, held for the whole turn),
+        and a turn that follows another process's reads the session again first, so its
+        history and numbering include that turn."""
+        if not self._started or self.kind == "compare":
+            yield  # a new session: no other process knows it yet
+            return
+        folder = Path(f"{self.store.path}.session-locks")
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / f"{self.session_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        me = f"{os.getpid()}-{id(self)}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another console's turn streams
+            last = os.pread(fd, 128, 0).decode("ascii", "replace").strip()
+            if last and last != me:
+                self.reload()
+            yield
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode("ascii"), 0)
+        finally:
+            os.close(fd)  # the lock goes with it
+
+    def reload(self) -> None:
+        """Read this session's messages (and its chosen replies) from the store again."""
+        with self._feedback_lock:
+            self._rows, self._hidden = None, None
+        self._seq = max((m["seq"] for m in self.messages()), default=-1) + 1
 
     def regenerate(self, message_id: str, options: GenerationOptions | None = None
                    ) -> Iterator[Any]:
@@ -276,8 +310,9 @@ class ChatSession:
         history = self.history(before_seq=question["seq"])
         self._alternative_of = original
         try:
-            yield from self._answer(question["content"], history,
-                                    options or self.sampling_options(), lambda: None)
+            with self._turn():
+                yield from self._answer(question["content"], history,
+                                        options or self.sampling_options(), lambda: None)
         finally:
             self._alternative_of = None
 
