@@ -101,3 +101,79 @@ def test_an_actor_without_the_judges_key_says_which(monkeypatch):
     monkeypatch.delenv("SOME_JUDGE_KEY", raising=False)
     actor = evolve_ray._Actor({}, "/nonexistent", None, ["SOME_JUDGE_KEY"])
     assert actor.ready()["missing_keys"] == ["SOME_JUDGE_KEY"]
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return _Ref(self.fn(*args))
+
+
+class _Handle:
+    def __init__(self, args):
+        self.args = args
+        self.ready = _Method(lambda: {"pid": 1, "questions": 3, "capability": 0})
+
+
+class PoolRay(FakeRay):
+    """Enough of Ray for RayPool to start its actors: what it asks is recorded."""
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def get_runtime_context(self):
+        return types.SimpleNamespace(gcs_address="127.0.0.1:1")
+
+    def remote(self, **options):
+        self.remotes.append(options)
+        return lambda cls: types.SimpleNamespace(remote=lambda *args: _Handle(args))
+
+    def wait(self, refs, num_returns, timeout):
+        return refs, []
+
+    def get(self, refs):
+        return [r.value for r in refs]
+
+    def kill(self, actor):
+        pass
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.5:6379"])
+def test_the_pool_asks_ray_for_no_secret(monkeypatch, tmp_path, configs, address):
+    """RayPool against the stand-in: a job-local Ray is `address="local"`; on either kind of
+    cluster the actors' options hold no canary key, while the judge key's name goes to the
+    actors to look up on their own nodes."""
+    from pipelines.config import EvolveJob
+    from tests.merge.evolve_job import KEY_ENV, job_dict
+
+    ray = PoolRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(KEY_ENV, CANARY)
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    monkeypatch.setattr(evolve_ray, "accepts_anyone", lambda where: False)
+    if address:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    models = [tmp_path / "m0", tmp_path / "m1"]
+    cfg = EvolveJob.model_validate(job_dict(models, tmp_path / "out", ray=True, workers=2,
+                                            ray_address=address))
+    pool = evolve_ray.RayPool(cfg, str(configs), space=None)
+    try:
+        (init,) = ray.inits
+        assert init["address"] == (address or "local")
+        (options,) = ray.remotes
+        assert CANARY not in json.dumps(options) and options["num_cpus"] == 1
+        assert pool.args[3] == [KEY_ENV]  # the name, for the node to look up
+        assert CANARY not in json.dumps(pool.args[:2])
+    finally:
+        pool.close()
+    assert ray.initialized is False
