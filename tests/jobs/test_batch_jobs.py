@@ -79,6 +79,7 @@ LOW = {"t001", "t005", "t008"}
 def curate_ws(tmp_path, server):
     from pipelines.judge.calibrate import Agreement, CalibrationReport, save_calibration
     from pipelines.judge.runner import load_criteria
+    from pipelines.judge.verdict import judge_identity
     from pipelines.workspace import Workspace
 
     low = {r["messages"][-1]["content"] for r in DIALOGUES if r["id"] in LOW}
@@ -108,7 +109,8 @@ def curate_ws(tmp_path, server):
         save_calibration(ws.settings.home_path(), CalibrationReport(
             judge="scripted", model="scripted-judge", provider="openai_compatible",
             persona="ayane", criterion=criterion, prompt_version=version, date="2026-11-25",
-            few_shot=0, seed=0, agreement=Agreement(n=10, scored=10, spearman=0.8)))
+            few_shot=0, seed=0, agreement=Agreement(n=10, scored=10, spearman=0.8),
+            identity=judge_identity(ws.judge("scripted"))))  # measured against this server
     return ws
 
 
