@@ -166,12 +166,14 @@ def check_engine(ws) -> Check:
     messages = [{"role": "user", "content": ENGINE_QUESTION}]
     options = GenerationOptions(max_new_tokens=ENGINE_TOKENS, temperature=0.0, seed=0)
     backend = None
+    info: dict = {}
     try:
         backend = WorkerBackend(variant, ws.settings.home_path())
         final = None
         for delta in backend.stream(messages, options):
             if delta.done:
                 final = delta
+        info = backend.info  # before close: a closed handle's info goes with it
     except BackendError as exc:
         return Check("engine", "fail", str(exc))
     finally:
@@ -182,7 +184,7 @@ def check_engine(ws) -> Check:
                      f"{(final.error if final else None) or 'no reply'}")
     speed = f"{final.tokens_per_s:.1f} tok/s" if final.tokens_per_s else "too short to time"
     return Check("engine", "ok", f"ok ({speed}, {final.completion_tokens} tokens) on "
-                 f"{variant.name}; {engine_summary(backend.info)}")
+                 f"{variant.name}; {engine_summary(info)}")
 
 
 def engine_summary(info: dict) -> str:
