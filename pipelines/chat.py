@@ -89,9 +89,8 @@ class ChatSession:
         if row is None:
             raise BackendError(f"no session {session_id} in the store at {store.path}")
         session = cls(store=store, session_id=session_id, **kwargs)
-        # read the history (and which replies were chosen) from the store
-        session._started, session._rows, session._hidden = True, None, None
-        session._seq = max((m["seq"] for m in session.messages()), default=-1) + 1
+        session._started = True
+        session.reload()  # the history (and which replies were chosen) from the store
         return session
 
     def _ensure_session(self, first_text: str) -> None:
