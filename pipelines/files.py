@@ -33,19 +33,7 @@ from typing import Any
 def write_atomic(path: str | Path, text: str) -> Path:
     """`text` at `path` (its folder made if missing), whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))  # UTF-8, newlines as written
 
 
 def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
